@@ -1,0 +1,222 @@
+"""A local stack of real processes (redis-server, worker, router) for the demo and tests.
+
+``python -m qwen_serve.devstack demo`` builds the tiny model, starts Redis
+when ``REDIS_URL`` is unset, starts a worker and a router, streams a sample
+chat and stops everything (``--keep`` keeps it serving until Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+CACHE = Path(os.environ.get("QS_CACHE_DIR", Path.home() / ".cache" / "qwen-serve"))
+TINY_MODEL_DIR = CACHE / "models" / "tiny-qwen3.5-moe"
+WORKER_START_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+                self.kill()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the process (and its process group: the engine's children)."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+    def tail(self, lines: int = 40) -> str:
+        """The end of the log, for error messages."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    """Start ``args`` in its own process group, logging to ``log_dir/name.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    return Proc(name, popen, log_path, args)
+
+
+def start_redis(log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
+    """A throw-away redis-server on a free port (no persistence)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = port or free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = spawn(f"redis-{port}", [*args, "--dir", str(log_dir)], log_dir)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not start:\n{proc.tail()}")
+
+
+def python_module(module: str, *flags: str) -> list[str]:
+    """Command line running ``python -m module`` with this interpreter."""
+    return [sys.executable, "-m", module, *flags]
+
+
+def start_worker(
+    redis_url: str, log_dir: Path, *flags: str, name: str = "worker", env: dict[str, str] | None = None
+) -> Proc:
+    """A worker process on the tiny model (cpu-tiny profile unless flags say otherwise)."""
+    args = python_module("worker", "--redis-url", redis_url, "--model", str(TINY_MODEL_DIR), *flags)
+    return spawn(name, args, log_dir, env)
+
+
+def start_router(
+    redis_url: str, port: int, log_dir: Path, *flags: str, name: str = "router"
+) -> Proc:
+    """A router process listening on 127.0.0.1:``port``."""
+    args = python_module("router", "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}")
+    return spawn(name, [*args, *flags], log_dir)
+
+
+def health_status(target: str, service: str = "") -> int:
+    """grpc.health.v1 status of ``service`` at ``target``; UNKNOWN when unreachable."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+        except grpc.RpcError:
+            return int(health_pb2.HealthCheckResponse.UNKNOWN)
+        return int(reply.status)
+
+
+def wait_serving(target: str, procs: list[Proc], timeout: float = WORKER_START_TIMEOUT_S) -> None:
+    """Wait until the router at ``target`` is ready; fail early if a process dies."""
+    deadline = time.monotonic() + timeout
+    last_note = 0.0
+    while time.monotonic() < deadline:
+        if health_status(target) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        for proc in procs:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        if time.monotonic() - last_note > 10:
+            last_note = time.monotonic()
+            logger.info("waiting for the stack to be ready (engine start takes ~30 s)")
+        time.sleep(0.5)
+    raise RuntimeError(f"stack not ready after {timeout:.0f} s:\n" + procs[-1].tail())
+
+
+def build_tiny_model() -> Path:
+    """Build (or reuse) the tiny Qwen3.5-MoE checkpoint."""
+    from worker.tiny_model import build_tiny_model as build
+
+    return build(TINY_MODEL_DIR)
+
+
+@contextlib.contextmanager
+def local_stack(log_dir: Path, redis_url: str | None = None) -> Iterator[tuple[str, list[Proc]]]:
+    """Redis (if ``redis_url`` is None), a worker and a router; yields the router target."""
+    procs: list[Proc] = []
+    try:
+        if redis_url is None:
+            redis, redis_url = start_redis(log_dir)
+            procs.append(redis)
+            logger.info("started redis-server at %s", redis_url)
+        port = free_port()
+        procs.append(start_worker(redis_url, log_dir))
+        procs.append(start_router(redis_url, port, log_dir))
+        target = f"127.0.0.1:{port}"
+        wait_serving(target, procs)
+        yield target, procs
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def demo(keep: bool) -> int:
+    """Run the stack, stream a sample chat, stop (or keep serving)."""
+    logging.basicConfig(level=logging.INFO, format="[demo] %(message)s")
+    logger.info("building the tiny model into %s", TINY_MODEL_DIR)
+    build_tiny_model()
+    log_dir = Path(tempfile.mkdtemp(prefix="qwen-serve-demo-"))
+    logger.info("logs: %s", log_dir)
+    with local_stack(log_dir, os.environ.get("REDIS_URL")) as (target, _procs):
+        logger.info("router ready at %s; streaming a sample chat", target)
+        from qwen_serve import sample_chat
+
+        code = sample_chat.main(["--target", target])
+        if keep:
+            logger.info("serving on %s until Ctrl-C", target)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI."""
+    parser = argparse.ArgumentParser(prog="python -m qwen_serve.devstack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("demo", help="run the stack and stream a sample chat")
+    run.add_argument("--keep", action="store_true", help="keep serving after the sample chat")
+    sub.add_parser("tiny-model", help="build the tiny model and print its path")
+    args = parser.parse_args(argv)
+    if args.command == "tiny-model":
+        print(build_tiny_model())
+        return
+    sys.exit(demo(args.keep))
+
+
+if __name__ == "__main__":
+    main()

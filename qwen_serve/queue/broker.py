@@ -1,0 +1,267 @@
+"""Redis Streams operations of routers and workers: the only code that imports Redis.
+
+Jobs go on one stream read by a consumer group of workers; each router has
+its own reply stream; aborts are a pub/sub broadcast plus a short-lived
+marker key; heartbeats are sorted-set scores plus a status value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from qwen_serve.queue.codec import M, CodecError, Job, Reply, WorkerStatus, decode, encode
+from qwen_serve.queue.keys import WORKER_GROUP, Keys
+from qwen_serve.settings import QueueSettings
+
+logger = logging.getLogger(__name__)
+
+ABORT_MARKER_TTL_S = 600
+REPLY_STREAM_MAXLEN = 100_000
+REPLY_STREAM_TTL_S = 3600
+
+
+class QueueUnavailable(ConnectionError):
+    """Redis cannot be reached; retrying later may succeed."""
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Turn Redis connection failures into :class:`QueueUnavailable`."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        raise QueueUnavailable(f"redis unavailable: {exc}") from exc
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds (comparable across hosts)."""
+    return int(time.time() * 1000)
+
+
+def connect(settings: QueueSettings, block_ms: int = 0) -> aioredis.Redis:
+    """A Redis client whose calls fail fast when the server is gone."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0 + block_ms / 1000,
+        health_check_interval=10,
+        retry_on_timeout=False,
+    )
+
+
+class _Base:
+    """What routers and workers share: the client, key names and liveness reads."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, ttl_s: float) -> None:
+        self.redis = client
+        self.keys = keys
+        self.ttl_ms = int(ttl_s * 1000)
+
+    async def ping(self) -> None:
+        """Raise :class:`QueueUnavailable` unless Redis answers."""
+        with _redis_errors():
+            await self.redis.ping()
+
+    async def live_workers(self) -> list[WorkerStatus]:
+        """Status of every worker whose heartbeat is fresh."""
+        with _redis_errors():
+            ids = await self.redis.zrangebyscore(self.keys.workers, now_ms() - self.ttl_ms, "+inf")
+            if not ids:
+                return []
+            values = await self.redis.mget([self.keys.worker_status(i.decode()) for i in ids])
+        return [decode(WorkerStatus, v) for v in values if v is not None]
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+
+class RouterQueue(_Base):
+    """The router's side: submit jobs, read replies, announce aborts."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, router_id: str, ttl_s: float) -> None:
+        super().__init__(client, keys, ttl_s)
+        self.router_id = router_id
+        self.reply_stream = keys.replies(router_id)
+
+    async def submit(self, jobs: Sequence[Job]) -> None:
+        """Append jobs to the job stream in one pipelined round trip."""
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.xadd(self.keys.jobs, encode(job))  # type: ignore[arg-type]
+                await pipe.execute()
+
+    async def read_replies(
+        self, last_id: bytes, block_ms: int, count: int = 512
+    ) -> list[tuple[bytes, Reply | None]]:
+        """Replies after ``last_id``; None for an entry that does not decode."""
+        with _redis_errors():
+            found = await self.redis.xread({self.reply_stream: last_id}, count=count, block=block_ms)
+        out: list[tuple[bytes, Reply | None]] = []
+        for _stream, entries in found or []:
+            for entry_id, fields in entries:
+                out.append((entry_id, _decode_or_none(Reply, fields)))
+        return out
+
+    async def trim_replies(self, upto_id: bytes) -> None:
+        """Drop reply entries already read."""
+        with _redis_errors():
+            await self.redis.xtrim(self.reply_stream, minid=upto_id, approximate=True)
+
+    async def announce_abort(self, request_id: str) -> None:
+        """Tell every worker to abort ``request_id`` (also if claimed later)."""
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.abort_marker(request_id), b"1", ex=ABORT_MARKER_TTL_S)
+                pipe.publish(self.keys.aborts, request_id)
+                await pipe.execute()
+
+    async def queue_depth(self) -> int:
+        """Jobs not yet claimed by any worker."""
+        with _redis_errors():
+            try:
+                groups = await self.redis.xinfo_groups(self.keys.jobs)
+            except redis_errors.ResponseError:  # stream does not exist yet
+                return 0
+        for group in groups:
+            if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
+                return int(group.get("lag") or 0)
+        return int(await self.redis.xlen(self.keys.jobs))
+
+    async def heartbeat(self) -> None:
+        """Record that this router is alive and keep its reply stream from expiring."""
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.routers, {self.router_id: now_ms()})
+                pipe.expire(self.reply_stream, REPLY_STREAM_TTL_S)
+                await pipe.execute()
+
+    async def leave(self) -> None:
+        """Remove this router's heartbeat and reply stream on a clean stop."""
+        with _redis_errors():
+            await self.redis.zrem(self.keys.routers, self.router_id)
+            await self.redis.delete(self.reply_stream)
+
+
+class WorkerQueue(_Base):
+    """The worker's side: claim jobs, stream replies, acknowledge, heartbeat."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, worker_id: str, ttl_s: float) -> None:
+        super().__init__(client, keys, ttl_s)
+        self.worker_id = worker_id
+
+    async def ensure_group(self) -> None:
+        """Create the job stream's consumer group if it is missing."""
+        with _redis_errors():
+            try:
+                await self.redis.xgroup_create(self.keys.jobs, WORKER_GROUP, id="0", mkstream=True)
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def claim(self, count: int, block_ms: int) -> list[tuple[bytes, Job | None]]:
+        """Claim up to ``count`` new jobs; None for an entry that does not decode."""
+        with _redis_errors():
+            found = await self.redis.xreadgroup(
+                WORKER_GROUP, self.worker_id, {self.keys.jobs: ">"}, count=count, block=block_ms
+            )
+        return [
+            (entry_id, _decode_or_none(Job, fields))
+            for _stream, entries in found or []
+            for entry_id, fields in entries
+        ]
+
+    async def send(self, replies: Sequence[tuple[str, Reply]]) -> None:
+        """Append replies to their routers' reply streams in one round trip."""
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, reply in replies:
+                    pipe.xadd(
+                        stream,
+                        encode(reply),  # type: ignore[arg-type]
+                        maxlen=REPLY_STREAM_MAXLEN,
+                        approximate=True,
+                    )
+                await pipe.execute()
+
+    async def finish(self, entry_id: bytes) -> None:
+        """Acknowledge a job and delete it from the job stream."""
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.keys.jobs, WORKER_GROUP, entry_id)
+                pipe.xdel(self.keys.jobs, entry_id)
+                await pipe.execute()
+
+    async def is_aborted(self, request_id: str) -> bool:
+        """Whether a router has aborted ``request_id``."""
+        with _redis_errors():
+            return bool(await self.redis.exists(self.keys.abort_marker(request_id)))
+
+    async def aborts(self) -> AsyncIterator[str]:
+        """Request ids as routers abort them (runs until cancelled)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        with _redis_errors():
+            await pubsub.subscribe(self.keys.aborts)
+        try:
+            while True:
+                with _redis_errors():
+                    message = await pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    yield bytes(message["data"]).decode()
+        finally:
+            await pubsub.aclose()
+
+    async def heartbeat(self, status: WorkerStatus) -> None:
+        """Publish this worker's status; it expires unless renewed."""
+        status.heartbeat_unix_ms = now_ms()
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(
+                    self.keys.worker_status(self.worker_id),
+                    status.SerializeToString(),
+                    px=self.ttl_ms,
+                )
+                pipe.zadd(self.keys.workers, {self.worker_id: status.heartbeat_unix_ms})
+                pipe.zremrangebyscore(self.keys.workers, "-inf", now_ms() - 10 * self.ttl_ms)
+                await pipe.execute()
+
+    async def leave(self) -> None:
+        """Remove this worker's heartbeat on a clean stop."""
+        with _redis_errors():
+            await self.redis.zrem(self.keys.workers, self.worker_id)
+            await self.redis.delete(self.keys.worker_status(self.worker_id))
+
+
+def _decode_or_none(kind: type[M], fields: dict[bytes, bytes]) -> M | None:
+    try:
+        return decode(kind, fields)
+    except CodecError:
+        logger.warning("dropping a malformed %s entry", kind.__name__)
+        return None
+
+
+def router_queue(settings: QueueSettings, router_id: str) -> RouterQueue:
+    """A RouterQueue connected per ``settings``."""
+    return RouterQueue(
+        connect(settings, block_ms=1000),
+        Keys(settings.key_prefix),
+        router_id,
+        settings.heartbeat_ttl_s,
+    )
+
+
+def worker_queue(settings: QueueSettings, worker_id: str, block_ms: int) -> WorkerQueue:
+    """A WorkerQueue connected per ``settings``."""
+    return WorkerQueue(
+        connect(settings, block_ms=block_ms),
+        Keys(settings.key_prefix),
+        worker_id,
+        settings.heartbeat_ttl_s,
+    )

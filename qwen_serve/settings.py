@@ -1,0 +1,76 @@
+"""Typed settings for the router and the worker, read once at start-up.
+
+Values come from flags (each entry point parses its own) and from
+environment variables with the ``QS_`` prefix; ``REDIS_URL`` is read as is.
+Nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def new_id(prefix: str) -> str:
+    """An unguessable id such as ``router-3kq...``."""
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class QueueSettings(BaseSettings):
+    """Where the queue lives; shared by router and worker."""
+
+    model_config = SettingsConfigDict(env_prefix="QS_", extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "QS_REDIS_URL"),
+        description="Redis URL (redis://, rediss:// or unix://).",
+    )
+    key_prefix: str = Field(default="qs", description="Prefix of every Redis key.")
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Heartbeat period.")
+    heartbeat_ttl_s: float = Field(
+        default=5.0, gt=0, description="A heartbeat older than this means the process is gone."
+    )
+
+
+class RouterSettings(QueueSettings):
+    """Settings of one router process."""
+
+    router_id: str = Field(default_factory=lambda: new_id("router"))
+    listen: str = Field(default="[::]:50051", description="gRPC listen address.")
+    max_inflight: int = Field(
+        default=1024, ge=1, description="Requests this router streams at once; more are refused."
+    )
+    max_queue_depth: int = Field(
+        default=4096, ge=0, description="Unclaimed jobs in Redis above which requests are refused."
+    )
+    submit_batch_max: int = Field(default=256, ge=1, description="Jobs per pipelined write.")
+    retry_after_ms: int = Field(default=500, ge=1, description="Retry hint when overloaded.")
+    drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
+    max_message_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest request message accepted."
+    )
+
+
+class WorkerSettings(QueueSettings):
+    """Settings of one worker process."""
+
+    worker_id: str = Field(default_factory=lambda: new_id("worker"))
+    profile: str = Field(default="cpu-tiny", description="Engine profile: cpu-tiny or rocm-tp4.")
+    model: str | None = Field(default=None, description="Model path; the profile's by default.")
+    served_model_name: str | None = Field(default=None, description="Name clients send.")
+    capacity: int | None = Field(
+        default=None, ge=1, description="Requests run at once; the engine's max_num_seqs."
+    )
+    max_model_len: int | None = Field(default=None, ge=16)
+    mtp_tokens: int | None = Field(
+        default=None, ge=0, description="MTP speculative tokens; 0 turns it off."
+    )
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU KV cache size (GiB).")
+    drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
+    claim_block_ms: int = Field(default=200, ge=1, description="Longest wait of one claim call.")
+    coalesce_ms: float = Field(
+        default=2.0, ge=0, description="How long deltas gather before one write to Redis."
+    )

@@ -1,0 +1,249 @@
+"""Admission, batched submission and reply demultiplexing for one router.
+
+One submit task writes queued jobs in pipelined batches; one reader task
+reads this router's reply stream and routes each reply to the request's
+in-memory channel; one monitor task keeps the router's heartbeat and a view
+of Redis, the workers and the queue depth (used by admission and health).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
+from qwen_serve.queue.broker import QueueUnavailable, RouterQueue
+from qwen_serve.queue.codec import Job, WorkerStatus
+from qwen_serve.settings import RouterSettings
+
+logger = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 1.0
+
+
+@dataclass
+class ClusterView:
+    """What the monitor last saw of Redis, the workers and the queue."""
+
+    redis_ok: bool = False
+    workers: list[WorkerStatus] = field(default_factory=list)
+    queue_depth: int = 0
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether this router can take new requests."""
+        return self.redis_ok and bool(self.workers) and not self.draining
+
+    def model(self) -> pb.ModelInfo | None:
+        """The served model, as the freshest worker reports it."""
+        if not self.workers:
+            return None
+        info = pb.ModelInfo()
+        info.CopyFrom(max(self.workers, key=lambda w: w.heartbeat_unix_ms).model)
+        info.live_workers = len(self.workers)
+        return info
+
+
+@dataclass
+class _Channel:
+    """Events of one request on their way from the reader to the servicer."""
+
+    events: asyncio.Queue[pb.ChatEvent] = field(default_factory=asyncio.Queue)
+    worker_id: str = ""
+
+
+def _error_event(code: int, message: str, retryable: bool) -> pb.ChatEvent:
+    return pb.ChatEvent(error=pb.Error(code=code, message=message, retryable=retryable))
+
+
+def is_terminal(event: pb.ChatEvent) -> bool:
+    """Usage and Error are the last event of a stream."""
+    return event.WhichOneof("event") in ("usage", "error")
+
+
+class Dispatcher:
+    """Moves jobs from servicer to queue and replies from queue to servicer."""
+
+    def __init__(self, queue: RouterQueue, settings: RouterSettings) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.view = ClusterView()
+        self.listeners: list[Callable[[ClusterView], Awaitable[None]]] = []
+        self._channels: dict[str, _Channel] = {}
+        self._pending: asyncio.Queue[tuple[Job, asyncio.Future[None]]] = asyncio.Queue()
+        self._submitted_since_refresh = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Take a first look at the cluster and start the background tasks."""
+        await self._refresh()
+        for loop in (self._submit_loop, self._read_loop, self._monitor_loop):
+            self._spawn(loop())
+
+    async def stop(self) -> None:
+        """Stop the background tasks and remove this router from Redis."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(QueueUnavailable):
+            await self.queue.leave()
+
+    async def set_draining(self) -> None:
+        """Refuse new requests from now on."""
+        self.view.draining = True
+        await self._notify()
+
+    @property
+    def inflight(self) -> int:
+        """Requests this router is streaming now."""
+        return len(self._channels)
+
+    def admit(self) -> None:
+        """Raise a RequestError unless a new request can be taken now."""
+        if self.view.draining:
+            raise RequestError(UNAVAILABLE, "", "router is shutting down", retryable=True)
+        if not self.view.redis_ok:
+            raise RequestError(UNAVAILABLE, "", "queue (Redis) is unreachable", retryable=True)
+        if not self.view.workers:
+            raise RequestError(UNAVAILABLE, "", "no worker is available", retryable=True)
+        depth = self.view.queue_depth + self._submitted_since_refresh
+        if self.inflight >= self.settings.max_inflight or depth >= self.settings.max_queue_depth:
+            raise RequestError(
+                RESOURCE_EXHAUSTED,
+                "",
+                f"server is at capacity ({self.inflight} streaming, {depth} queued)",
+                retryable=True,
+                retry_after_ms=self.settings.retry_after_ms,
+            )
+
+    async def stream(self, job: Job) -> AsyncIterator[pb.ChatEvent]:
+        """Submit ``job`` and yield its events up to the terminal one.
+
+        Leaving early (client cancel, deadline, error) aborts the request.
+        """
+        channel = _Channel()
+        self._channels[job.request_id] = channel
+        finished = False
+        try:
+            await self._submit(job)
+            while True:
+                event = await channel.events.get()
+                yield event
+                if is_terminal(event):
+                    finished = True
+                    return
+        finally:
+            self._channels.pop(job.request_id, None)
+            if not finished:
+                self._spawn(self._abort_quietly(job.request_id))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request wherever it runs; True if this router streams it."""
+        await self.queue.announce_abort(request_id)
+        return request_id in self._channels
+
+    async def _submit(self, job: Job) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((job, done))
+        self._submitted_since_refresh += 1
+        try:
+            await done
+        except QueueUnavailable as exc:
+            raise RequestError(UNAVAILABLE, "", str(exc), retryable=True) from exc
+
+    async def _submit_loop(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < self.settings.submit_batch_max and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self.queue.submit([job for job, _ in batch])
+            except QueueUnavailable as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _read_loop(self) -> None:
+        last_id, last_trim = b"0-0", time.monotonic()
+        while True:
+            try:
+                entries = await self.queue.read_replies(last_id, block_ms=1000)
+            except QueueUnavailable as exc:
+                logger.warning("reply stream unreadable: %s", exc)
+                self._fail_all("lost the connection to the queue")
+                await asyncio.sleep(0.5)
+                continue
+            for entry_id, reply in entries:
+                last_id = entry_id
+                channel = self._channels.get(reply.request_id) if reply else None
+                if reply is None or channel is None:
+                    continue
+                channel.worker_id = reply.worker_id
+                for event in reply.events:
+                    channel.events.put_nowait(event)
+            if entries and time.monotonic() - last_trim > TRIM_EVERY_S:
+                last_trim = time.monotonic()
+                self._spawn(self._trim_quietly(last_id))
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        try:
+            await self.queue.heartbeat()
+            workers = await self.queue.live_workers()
+            depth = await self.queue.queue_depth()
+        except QueueUnavailable as exc:
+            if self.view.redis_ok:
+                logger.warning("queue unreachable: %s", exc)
+            self.view.redis_ok = False
+        else:
+            self.view.redis_ok, self.view.workers, self.view.queue_depth = True, workers, depth
+            self._submitted_since_refresh = 0
+            self._fail_orphans({w.worker_id for w in workers})
+        await self._notify()
+
+    def _fail_orphans(self, live: set[str]) -> None:
+        """End streams whose worker's heartbeat has stopped."""
+        for channel in self._channels.values():
+            if channel.worker_id and channel.worker_id not in live:
+                channel.events.put_nowait(
+                    _error_event(UNAVAILABLE, f"worker {channel.worker_id} stopped", True)
+                )
+                channel.worker_id = ""
+
+    def _fail_all(self, message: str) -> None:
+        for channel in self._channels.values():
+            channel.events.put_nowait(_error_event(UNAVAILABLE, message, True))
+
+    async def _notify(self) -> None:
+        for listener in self.listeners:
+            await listener(self.view)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.queue.announce_abort(request_id)
+        except QueueUnavailable as exc:
+            logger.warning("could not announce abort of %s: %s", request_id, exc)
+
+    async def _trim_quietly(self, upto: bytes) -> None:
+        with contextlib.suppress(QueueUnavailable):
+            await self.queue.trim_replies(upto)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,114 @@
+"""The gRPC edge: qwen_serve.api.v1.Inference on top of the Dispatcher.
+
+Each RPC validates, admits, builds a Job and relays events. A failure before
+the worker's Started event becomes a gRPC status; after it, the worker's
+Error event is the stream's last event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve.errors import UNAVAILABLE, RequestError
+from router import errors, jobs, validation
+from router.dispatcher import Dispatcher
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+
+class InferenceServicer(serve_pb2_grpc.InferenceServicer):
+    """Chat, Generate, Abort and GetModelInfo."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    async def Chat(  # noqa: N802 - gRPC method name
+        self, request: pb.ChatRequest, context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        """Stream a chat reply."""
+        images = validation.count_images(request.messages)
+        async for event in self._serve(request, images, context):
+            yield event
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        """Stream a raw-prompt completion."""
+        async for event in self._serve(request, len(request.images), context):
+            yield event
+
+    async def Abort(  # noqa: N802 - gRPC method name
+        self, request: pb.AbortRequest, context: Context
+    ) -> pb.AbortResponse:
+        """Abort a request by id; idempotent."""
+        try:
+            validation.check_request_id(request.request_id)
+            found = await self.dispatcher.abort(request.request_id)
+        except RequestError as exc:
+            await errors.abort(context, exc)
+        except ConnectionError as exc:
+            await errors.abort(context, RequestError(UNAVAILABLE, "", str(exc), retryable=True))
+        return pb.AbortResponse(found=found)
+
+    async def GetModelInfo(  # noqa: N802 - gRPC method name
+        self, request: pb.GetModelInfoRequest, context: Context
+    ) -> pb.ModelInfo:
+        """Describe the served model."""
+        try:
+            info = self._model()
+            validation.check_against_model(request.model, pb.SamplingParams(), 0, info)
+        except RequestError as exc:
+            await errors.abort(context, exc)
+        return info
+
+    async def _serve(
+        self, request: pb.ChatRequest | pb.GenerateRequest, images: int, context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        try:
+            events = self._accept(request, images, context)
+            first = await anext(events)
+        except RequestError as exc:
+            await errors.abort(context, exc)
+            return
+        yield first
+        async for event in events:
+            yield event
+
+    async def _accept(
+        self, request: pb.ChatRequest | pb.GenerateRequest, images: int, context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        """Validate, admit, queue; raise RequestError if it fails before Started."""
+        if isinstance(request, pb.ChatRequest):
+            validation.check_chat(request)
+        else:
+            validation.check_generate(request)
+        self.dispatcher.admit()
+        validation.check_against_model(request.model, request.sampling, images, self._model())
+        job = jobs.make_job(
+            request,
+            router_id=self.dispatcher.queue.router_id,
+            reply_stream=self.dispatcher.queue.reply_stream,
+            deadline_unix_ms=jobs.deadline_ms(context.time_remaining()),
+            trace=jobs.trace_context(context.invocation_metadata() or ()),
+        )
+        stream = self.dispatcher.stream(job)
+        first = await anext(stream)
+        if first.HasField("error"):
+            await stream.aclose()
+            raise errors.from_event(first)
+        yield first
+        async for event in stream:
+            yield event
+
+    def _model(self) -> pb.ModelInfo:
+        info = self.dispatcher.view.model()
+        if info is None:
+            raise RequestError(UNAVAILABLE, "", "no worker is available", retryable=True)
+        return info

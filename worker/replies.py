@@ -1,0 +1,92 @@
+"""Coalescing writer of events to the routers' reply streams.
+
+Events are buffered per request; consecutive deltas of one choice merge
+into one. A single task writes everything buffered in one pipelined round
+trip, at most every ``window_s``, so a busy worker makes few Redis calls per
+token and an idle one adds at most the window to each event's latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue
+from qwen_serve.queue.codec import Reply
+
+logger = logging.getLogger(__name__)
+
+RETRY_DELAY_S = 0.2
+
+
+@dataclass
+class _Pending:
+    stream: str
+    events: list[pb.ChatEvent] = field(default_factory=list)
+
+
+def merge_into(last: pb.ChatEvent, new: pb.ChatEvent) -> bool:
+    """Append delta ``new`` to delta ``last`` of the same choice; False if not mergeable."""
+    if not (last.HasField("delta") and new.HasField("delta")):
+        return False
+    a, b = last.delta, new.delta
+    if a.index != b.index:
+        return False
+    a.reasoning += b.reasoning
+    a.content += b.content
+    a.tool_calls.extend(b.tool_calls)
+    a.logprobs.extend(b.logprobs)
+    a.token_ids.extend(b.token_ids)
+    return True
+
+
+class ReplyWriter:
+    """Buffers events per request and writes them in batches."""
+
+    def __init__(self, queue: WorkerQueue, worker_id: str, window_s: float) -> None:
+        self.queue = queue
+        self.worker_id = worker_id
+        self.window_s = window_s
+        self._buffer: dict[str, _Pending] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def put(self, request_id: str, stream: str, event: pb.ChatEvent) -> None:
+        """Queue one event of ``request_id`` for the reply stream ``stream``."""
+        pending = self._buffer.setdefault(request_id, _Pending(stream))
+        if not (pending.events and merge_into(pending.events[-1], event)):
+            pending.events.append(event)
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write buffered events until cancelled."""
+        while True:
+            await self._wake.wait()
+            if self.window_s:
+                await asyncio.sleep(self.window_s)
+            self._wake.clear()
+            batch, self._buffer = self._buffer, {}
+            await self._send(batch)
+            if not self._buffer:
+                self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything put so far is written."""
+        await self._idle.wait()
+
+    async def _send(self, batch: dict[str, _Pending]) -> None:
+        replies = [
+            (p.stream, Reply(request_id=rid, events=p.events, worker_id=self.worker_id))
+            for rid, p in batch.items()
+        ]
+        while True:
+            try:
+                await self.queue.send(replies)
+                return
+            except QueueUnavailable as exc:
+                logger.warning("cannot write replies, retrying: %s", exc)
+                await asyncio.sleep(RETRY_DELAY_S)

@@ -1,0 +1,216 @@
+"""The worker's queue loop: claim jobs, run them in the engine, stream replies.
+
+The worker claims at most its free capacity, drops jobs whose deadline has
+passed or that were aborted while queued, sends Started once the engine
+accepted the request, and acknowledges every job when it ends. Aborts from
+routers arrive by pub/sub and reach ``engine.abort``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Protocol
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.errors import DEADLINE_EXCEEDED, EngineDeadError, RequestError
+from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, now_ms
+from qwen_serve.queue.codec import Job, WorkerStatus
+from qwen_serve.settings import WorkerSettings
+from worker.replies import ReplyWriter
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    """What the service needs of worker.engine.Engine."""
+
+    def run(self, request_id: str, job: Job) -> AsyncIterator[pb.ChatEvent]:
+        """Stream the events of one job (RequestError before the first)."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request."""
+
+    def num_unfinished(self) -> int:
+        """Requests in the engine now."""
+        ...
+
+    def model_info(self) -> pb.ModelInfo:
+        """The served model."""
+        ...
+
+
+def error_event(exc: RequestError) -> pb.ChatEvent:
+    """The terminal Error event for ``exc``."""
+    return pb.ChatEvent(
+        error=pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable)
+    )
+
+
+def job_request(job: Job) -> pb.ChatRequest | pb.GenerateRequest:
+    """The request a job carries."""
+    return job.chat if job.HasField("chat") else job.generate
+
+
+class Worker:
+    """Claims jobs for one engine until told to drain."""
+
+    def __init__(
+        self, settings: WorkerSettings, engine: EngineLike, queue: WorkerQueue, capacity: int
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.queue = queue
+        self.capacity = capacity
+        self.writer = ReplyWriter(queue, settings.worker_id, settings.coalesce_ms / 1000)
+        self.status = WorkerStatus(worker_id=settings.worker_id, capacity=capacity)
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.draining = asyncio.Event()
+        self.engine_dead = False
+        self._slot_free = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def run(self) -> None:
+        """Serve until drain() is called, then finish or abort in-flight jobs."""
+        await self.queue.ensure_group()
+        self.status.model.CopyFrom(self.engine.model_info())
+        await self._heartbeat()
+        for loop in (self.writer.run(), self._heartbeat_loop(), self._abort_loop()):
+            self._spawn(loop)
+        logger.info("worker %s claiming up to %d jobs", self.settings.worker_id, self.capacity)
+        await self._claim_loop()
+        await self._finish_inflight()
+
+    def drain(self) -> None:
+        """Stop claiming; run() then lets in-flight jobs finish within the grace."""
+        self.draining.set()
+        self._slot_free.set()
+
+    async def _claim_loop(self) -> None:
+        while not self.draining.is_set() and not self.engine_dead:
+            free = self.capacity - len(self.running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                claimed = await self.queue.claim(free, self.settings.claim_block_ms)
+            except QueueUnavailable as exc:
+                logger.warning("cannot claim jobs: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for entry_id, job in claimed:
+                self._start(entry_id, job)
+
+    def _start(self, entry_id: bytes, job: Job | None) -> None:
+        if job is None:
+            self._spawn(self._finish(entry_id))
+            return
+        task = asyncio.get_running_loop().create_task(self._handle(entry_id, job))
+        self.running[job.request_id] = task
+        task.add_done_callback(lambda _t, rid=job.request_id: self._done(rid))
+
+    def _done(self, request_id: str) -> None:
+        self.running.pop(request_id, None)
+        self._slot_free.set()
+
+    async def _handle(self, entry_id: bytes, job: Job) -> None:
+        rid, stream = job.request_id, job.reply_stream
+        try:
+            if job.deadline_unix_ms and job.deadline_unix_ms <= now_ms():
+                raise RequestError(DEADLINE_EXCEEDED, "", "deadline passed while queued")
+            if await self.queue.is_aborted(rid):
+                logger.info("job %s was aborted before it started", rid)
+                return
+            await self._stream(job)
+        except RequestError as exc:
+            self.writer.put(rid, stream, error_event(exc))
+        except QueueUnavailable as exc:
+            logger.warning("job %s: queue unavailable: %s", rid, exc)
+        except Exception:
+            logger.exception("job %s failed", rid)
+            self.writer.put(rid, stream, error_event(EngineDeadError("worker failed")))
+        finally:
+            await self._finish(entry_id)
+
+    async def _stream(self, job: Job) -> None:
+        rid, stream = job.request_id, job.reply_stream
+        events = self.engine.run(rid, job)
+        try:
+            timeout = (job.deadline_unix_ms - now_ms()) / 1000 if job.deadline_unix_ms else None
+            async with asyncio.timeout(timeout):
+                first = await anext(events)
+                request = job_request(job)
+                started = pb.Started(
+                    request_id=rid,
+                    client_request_id=request.client_request_id,
+                    model=self.status.model.served_model_name,
+                )
+                self.writer.put(rid, stream, pb.ChatEvent(started=started))
+                self.writer.put(rid, stream, first)
+                async for event in events:
+                    self.writer.put(rid, stream, event)
+        except TimeoutError:
+            await self.engine.abort(rid)
+            raise RequestError(DEADLINE_EXCEEDED, "", "deadline exceeded") from None
+        except EngineDeadError:
+            self.engine_dead = True
+            raise
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def _finish(self, entry_id: bytes) -> None:
+        try:
+            await self.queue.finish(entry_id)
+        except QueueUnavailable as exc:
+            logger.warning("could not acknowledge %r: %s", entry_id, exc)
+
+    async def _abort_loop(self) -> None:
+        while True:
+            try:
+                async for request_id in self.queue.aborts():
+                    if request_id in self.running:
+                        logger.info("aborting %s", request_id)
+                        await self.engine.abort(request_id)
+            except QueueUnavailable as exc:
+                logger.warning("abort channel lost: %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        self.status.running = self.engine.num_unfinished()
+        self.status.draining = self.draining.is_set()
+        try:
+            await self.queue.heartbeat(self.status)
+        except QueueUnavailable as exc:
+            logger.warning("heartbeat failed: %s", exc)
+
+    async def _finish_inflight(self) -> None:
+        if self.running:
+            logger.info("draining %d in-flight jobs", len(self.running))
+            _, late = await asyncio.wait(
+                list(self.running.values()), timeout=self.settings.drain_grace_s
+            )
+            for rid in list(self.running):
+                await self.engine.abort(rid)
+            if late:
+                await asyncio.wait(late, timeout=5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.writer.flush(), timeout=5)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        with contextlib.suppress(QueueUnavailable):
+            await self.queue.leave()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
