@@ -7,6 +7,7 @@ The generated modules are not kept in git. `pip install .` and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from setuptools import Command, setup
 from setuptools.command.build_py import build_py
@@ -36,7 +37,7 @@ def generate_stubs() -> None:
 class GenProtos(Command):
     """`python setup.py gen_protos`: regenerate the stubs."""
 
-    user_options: list[tuple[str, str | None, str]] = []
+    user_options: ClassVar[list[tuple[str, str | None, str]]] = []
 
     def initialize_options(self) -> None:
         """No options."""

@@ -115,7 +115,11 @@ def python_module(module: str, *flags: str) -> list[str]:
 
 
 def start_worker(
-    redis_url: str, log_dir: Path, *flags: str, name: str = "worker", env: dict[str, str] | None = None
+    redis_url: str,
+    log_dir: Path,
+    *flags: str,
+    name: str = "worker",
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """A worker process on the tiny model (cpu-tiny profile unless flags say otherwise)."""
     args = python_module("worker", "--redis-url", redis_url, "--model", str(TINY_MODEL_DIR), *flags)

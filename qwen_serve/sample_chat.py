@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     request = build_request(args.prompt, args.max_tokens, not args.no_think)
     with grpc.insecure_channel(args.target) as channel:
-        stub = serve_pb2_grpc.InferenceStub(channel)
+        stub = serve_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
         start, out = time.monotonic(), list[str]()
         try:
             for event in stub.Chat(request, timeout=120):

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,7 @@ class Dispatcher:
                 retry_after_ms=self.settings.retry_after_ms,
             )
 
-    async def stream(self, job: Job) -> AsyncIterator[pb.ChatEvent]:
+    async def stream(self, job: Job) -> AsyncGenerator[pb.ChatEvent, None]:
         """Submit ``job`` and yield its events up to the terminal one.
 
         Leaving early (client cancel, deadline, error) aborts the request.

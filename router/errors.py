@@ -54,7 +54,7 @@ def to_status(exc: RequestError) -> grpc.Status:
     return status
 
 
-class _WithTrailers(grpc.Status):
+class _WithTrailers(grpc.Status):  # type: ignore[misc]
     """A status whose trailing metadata adds plain-text hints."""
 
     def __init__(self, status: grpc.Status, extra: list[tuple[str, str]]) -> None:
@@ -63,7 +63,7 @@ class _WithTrailers(grpc.Status):
         self.trailing_metadata = (*status.trailing_metadata, *extra)
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:  # type: ignore[type-arg]
+async def abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:
     """End the RPC with the status for ``exc`` (raises, as context.abort does)."""
     if exc.code == code_pb2.INTERNAL:
         logger.error("internal error: %s", exc.detail)

@@ -47,7 +47,7 @@ class Router:
 
     async def start(self) -> None:
         """Bind the port and start serving."""
-        serve_pb2_grpc.add_InferenceServicer_to_server(
+        serve_pb2_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.dispatcher), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)

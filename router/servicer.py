@@ -8,7 +8,8 @@ Error event is the stream's last event.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TypeAlias
 
 import grpc
 
@@ -20,7 +21,7 @@ from router.dispatcher import Dispatcher
 
 logger = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class InferenceServicer(serve_pb2_grpc.InferenceServicer):
@@ -29,24 +30,20 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
-    async def Chat(  # noqa: N802 - gRPC method name
-        self, request: pb.ChatRequest, context: Context
-    ) -> AsyncIterator[pb.ChatEvent]:
+    async def Chat(self, request: pb.ChatRequest, context: Context) -> AsyncIterator[pb.ChatEvent]:
         """Stream a chat reply."""
         images = validation.count_images(request.messages)
         async for event in self._serve(request, images, context):
             yield event
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.ChatEvent]:
         """Stream a raw-prompt completion."""
         async for event in self._serve(request, len(request.images), context):
             yield event
 
-    async def Abort(  # noqa: N802 - gRPC method name
-        self, request: pb.AbortRequest, context: Context
-    ) -> pb.AbortResponse:
+    async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.AbortResponse:
         """Abort a request by id; idempotent."""
         try:
             validation.check_request_id(request.request_id)
@@ -57,9 +54,7 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
             await errors.abort(context, RequestError(UNAVAILABLE, "", str(exc), retryable=True))
         return pb.AbortResponse(found=found)
 
-    async def GetModelInfo(  # noqa: N802 - gRPC method name
-        self, request: pb.GetModelInfoRequest, context: Context
-    ) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         """Describe the served model."""
         try:
             info = self._model()
@@ -83,7 +78,7 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
 
     async def _accept(
         self, request: pb.ChatRequest | pb.GenerateRequest, images: int, context: Context
-    ) -> AsyncIterator[pb.ChatEvent]:
+    ) -> AsyncGenerator[pb.ChatEvent, None]:
         """Validate, admit, queue; raise RequestError if it fails before Started."""
         if isinstance(request, pb.ChatRequest):
             validation.check_chat(request)

@@ -54,9 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     procs = [redis]
     try:
         procs.append(devstack.start_worker(redis_url, log_dir, "--key-prefix", prefix))
-        procs.append(
-            devstack.start_router(redis_url, port, log_dir, "--key-prefix", prefix)
-        )
+        procs.append(devstack.start_router(redis_url, port, log_dir, "--key-prefix", prefix))
         target = f"127.0.0.1:{port}"
         devstack.wait_serving(target, procs)
         yield Stack(target, redis_url, prefix, log_dir, procs)

@@ -100,4 +100,3 @@ async def wait_engines_idle(redis_url: str, prefix: str, timeout: float = 20) ->
         await asyncio.sleep(0.25)
         running = await running_in_engines(redis_url, prefix)
     return running
-

@@ -22,7 +22,9 @@ def test_job_round_trips() -> None:
 
 
 def test_reply_and_status_round_trip() -> None:
-    reply = Reply(request_id="req_x", worker_id="w", events=[pb.ChatEvent(delta=pb.Delta(content="a"))])
+    reply = Reply(
+        request_id="req_x", worker_id="w", events=[pb.ChatEvent(delta=pb.Delta(content="a"))]
+    )
     assert decode(Reply, encode(reply)) == reply
     status = WorkerStatus(worker_id="w", capacity=8, running=2)
     assert decode(WorkerStatus, status.SerializeToString()) == status
@@ -40,7 +42,14 @@ def test_garbage_is_a_codec_error_not_an_evaluation() -> None:
 
 def test_key_names_share_the_prefix() -> None:
     keys = Keys("p")
-    names = [keys.jobs, keys.aborts, keys.workers, keys.routers, keys.replies("r"),
-             keys.abort_marker("q"), keys.worker_status("w")]
+    names = [
+        keys.jobs,
+        keys.aborts,
+        keys.workers,
+        keys.routers,
+        keys.replies("r"),
+        keys.abort_marker("q"),
+        keys.worker_status("w"),
+    ]
     assert all(n.startswith("p:") for n in names)
     assert len(set(names)) == len(names)

@@ -6,7 +6,9 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from worker.replies import merge_into
 
 
-def _delta(index: int, content: str = "", reasoning: str = "", ids: tuple[int, ...] = ()) -> pb.ChatEvent:
+def _delta(
+    index: int, content: str = "", reasoning: str = "", ids: tuple[int, ...] = ()
+) -> pb.ChatEvent:
     return pb.ChatEvent(
         delta=pb.Delta(index=index, content=content, reasoning=reasoning, token_ids=list(ids))
     )

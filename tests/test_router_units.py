@@ -30,14 +30,24 @@ def test_valid_chat_passes() -> None:
     ("mutate", "field"),
     [
         (lambda r: r.tools.add(name="bad name!"), "tools[0].name"),
-        (lambda r: r.tools.add(name="f", parameters_json_schema="[1]"), "tools[0].parameters_json_schema"),
+        (
+            lambda r: r.tools.add(name="f", parameters_json_schema="[1]"),
+            "tools[0].parameters_json_schema",
+        ),
         (lambda r: setattr(r.tool_choice, "mode", pb.ToolChoice.MODE_REQUIRED), "tool_choice"),
-        (lambda r: r.structured_output.__setattr__("regex", "(unclosed"), "structured_output.regex"),
+        (
+            lambda r: r.structured_output.__setattr__("regex", "(unclosed"),
+            "structured_output.regex",
+        ),
         (lambda r: setattr(r.sampling, "top_p", 0.0), "sampling.top_p"),
         (lambda r: r.sampling.stop.append(""), "sampling.stop"),
         (lambda r: setattr(r, "chat_template_kwargs_json", "{"), "chat_template_kwargs_json"),
-        (lambda r: r.messages.append(pb.Message(role=pb.ROLE_TOOL, content=[pb.ContentPart(text="x")])),
-         "messages[1].tool_call_id"),
+        (
+            lambda r: r.messages.append(
+                pb.Message(role=pb.ROLE_TOOL, content=[pb.ContentPart(text="x")])
+            ),
+            "messages[1].tool_call_id",
+        ),
     ],
 )
 def test_invalid_fields_are_named(mutate: object, field: str) -> None:
@@ -49,7 +59,7 @@ def test_invalid_fields_are_named(mutate: object, field: str) -> None:
 def test_model_limits() -> None:
     info = pb.ModelInfo(served_model_name="m", max_context_tokens=100, max_images_per_prompt=2)
     validation.check_against_model("", pb.SamplingParams(max_tokens=10), 2, info)
-    with pytest.raises(RequestError, match="sampling.max_tokens"):
+    with pytest.raises(RequestError, match=r"sampling\.max_tokens"):
         validation.check_against_model("m", pb.SamplingParams(max_tokens=100), 0, info)
     with pytest.raises(RequestError, match="messages"):
         validation.check_against_model("m", pb.SamplingParams(), 3, info)

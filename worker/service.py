@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, Protocol
 
 from qwen_serve.api.v1 import serve_pb2 as pb
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class EngineLike(Protocol):
     """What the service needs of worker.engine.Engine."""
 
-    def run(self, request_id: str, job: Job) -> AsyncIterator[pb.ChatEvent]:
+    def run(self, request_id: str, job: Job) -> AsyncGenerator[pb.ChatEvent, None]:
         """Stream the events of one job (RequestError before the first)."""
         ...
 
@@ -45,9 +46,7 @@ class EngineLike(Protocol):
 
 def error_event(exc: RequestError) -> pb.ChatEvent:
     """The terminal Error event for ``exc``."""
-    return pb.ChatEvent(
-        error=pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable)
-    )
+    return pb.ChatEvent(error=pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable))
 
 
 def job_request(job: Job) -> pb.ChatRequest | pb.GenerateRequest:
@@ -111,9 +110,9 @@ class Worker:
             return
         task = asyncio.get_running_loop().create_task(self._handle(entry_id, job))
         self.running[job.request_id] = task
-        task.add_done_callback(lambda _t, rid=job.request_id: self._done(rid))
+        task.add_done_callback(functools.partial(self._done, job.request_id))
 
-    def _done(self, request_id: str) -> None:
+    def _done(self, request_id: str, _task: asyncio.Task[None]) -> None:
         self.running.pop(request_id, None)
         self._slot_free.set()
 
@@ -160,7 +159,7 @@ class Worker:
             self.engine_dead = True
             raise
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
     async def _finish(self, entry_id: bytes) -> None:
         try:

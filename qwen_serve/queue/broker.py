@@ -11,11 +11,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from qwen_serve.queue.codec import M, CodecError, Job, Reply, WorkerStatus, decode, encode
+from qwen_serve.queue.codec import CodecError, Job, M, Reply, WorkerStatus, decode, encode
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from qwen_serve.settings import QueueSettings
 
@@ -71,10 +72,14 @@ class _Base:
     async def live_workers(self) -> list[WorkerStatus]:
         """Status of every worker whose heartbeat is fresh."""
         with _redis_errors():
-            ids = await self.redis.zrangebyscore(self.keys.workers, now_ms() - self.ttl_ms, "+inf")
+            ids: list[bytes] = await self.redis.zrangebyscore(
+                self.keys.workers, now_ms() - self.ttl_ms, "+inf"
+            )
             if not ids:
                 return []
-            values = await self.redis.mget([self.keys.worker_status(i.decode()) for i in ids])
+            values: list[Any] = await self.redis.mget(
+                [self.keys.worker_status(i.decode()) for i in ids]
+            )
         return [decode(WorkerStatus, v) for v in values if v is not None]
 
     async def close(self) -> None:
@@ -103,7 +108,9 @@ class RouterQueue(_Base):
     ) -> list[tuple[bytes, Reply | None]]:
         """Replies after ``last_id``; None for an entry that does not decode."""
         with _redis_errors():
-            found = await self.redis.xread({self.reply_stream: last_id}, count=count, block=block_ms)
+            found: Any = await self.redis.xread(
+                {self.reply_stream: last_id}, count=count, block=block_ms
+            )
         out: list[tuple[bytes, Reply | None]] = []
         for _stream, entries in found or []:
             for entry_id, fields in entries:
@@ -169,7 +176,7 @@ class WorkerQueue(_Base):
     async def claim(self, count: int, block_ms: int) -> list[tuple[bytes, Job | None]]:
         """Claim up to ``count`` new jobs; None for an entry that does not decode."""
         with _redis_errors():
-            found = await self.redis.xreadgroup(
+            found: Any = await self.redis.xreadgroup(
                 WORKER_GROUP, self.worker_id, {self.keys.jobs: ">"}, count=count, block=block_ms
             )
         return [
@@ -216,7 +223,7 @@ class WorkerQueue(_Base):
                 if message is not None:
                     yield bytes(message["data"]).decode()
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def heartbeat(self, status: WorkerStatus) -> None:
         """Publish this worker's status; it expires unless renewed."""
