@@ -123,7 +123,8 @@ def start_worker(
 ) -> Proc:
     """A worker process on the tiny model (cpu-tiny profile unless flags say otherwise)."""
     args = python_module("worker", "--redis-url", redis_url, "--model", str(TINY_MODEL_DIR), *flags)
-    return spawn(name, args, log_dir, env)
+    status = {"QS_STATUS_FILE": str(log_dir / f"{name}-status.json")}
+    return spawn(name, args, log_dir, {**status, **(env or {})})
 
 
 def start_router(

@@ -71,6 +71,10 @@ class WorkerSettings(QueueSettings):
     kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU KV cache size (GiB).")
     drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
     claim_block_ms: int = Field(default=200, ge=1, description="Longest wait of one claim call.")
+    status_file: str = Field(
+        default="/tmp/qwen-serve-worker.json",
+        description="Where the worker writes its liveness for `python -m worker.probe`.",
+    )
     coalesce_ms: float = Field(
         default=2.0, ge=0, description="How long deltas gather before one write to Redis."
     )

@@ -35,12 +35,15 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
 
 async def serve(settings: WorkerSettings) -> int:
     """Start the engine, claim jobs until SIGTERM, drain; return the exit code."""
+    from worker import config_fix
     from worker.engine import Engine
     from worker.service import Worker
 
     engine = await Engine.start(settings)
     queue = worker_queue(settings, settings.worker_id, settings.claim_block_ms)
     worker = Worker(settings, engine, queue, capacity=engine.capacity)
+    worker.status.config_fix = config_fix.fix_status()
+    logger.info("model card config fix: %s", worker.status.config_fix)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)

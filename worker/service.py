@@ -20,6 +20,7 @@ from qwen_serve.errors import DEADLINE_EXCEEDED, EngineDeadError, RequestError
 from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, now_ms
 from qwen_serve.queue.codec import Job, WorkerStatus
 from qwen_serve.settings import WorkerSettings
+from worker.probe import write_status
 from worker.replies import ReplyWriter
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class EngineLike(Protocol):
     def model_info(self) -> pb.ModelInfo:
         """The served model."""
         ...
+
+    async def check_health(self) -> None:
+        """Raise EngineDeadError if the engine has died."""
 
 
 def error_event(exc: RequestError) -> pb.ChatEvent:
@@ -184,12 +188,34 @@ class Worker:
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
-        self.status.running = self.engine.num_unfinished()
+        engine_ok = await self._engine_healthy()
+        self.status.running = self.engine.num_unfinished() if engine_ok else 0
         self.status.draining = self.draining.is_set()
+        redis_ok = True
         try:
             await self.queue.heartbeat(self.status)
         except QueueUnavailable as exc:
+            redis_ok = False
             logger.warning("heartbeat failed: %s", exc)
+        write_status(
+            self.settings.status_file,
+            worker_id=self.settings.worker_id,
+            engine_ok=engine_ok,
+            redis_ok=redis_ok,
+            draining=self.status.draining,
+            running=self.status.running,
+        )
+
+    async def _engine_healthy(self) -> bool:
+        try:
+            await self.engine.check_health()
+        except EngineDeadError:
+            if not self.engine_dead:
+                logger.error("engine health check failed; draining")
+            self.engine_dead = True
+            self.drain()
+            return False
+        return True
 
     async def _finish_inflight(self) -> None:
         if self.running:

@@ -72,7 +72,7 @@ class _Base:
     async def live_workers(self) -> list[WorkerStatus]:
         """Status of every worker whose heartbeat is fresh."""
         with _redis_errors():
-            ids: list[bytes] = await self.redis.zrangebyscore(
+            ids: list[Any] = await self.redis.zrangebyscore(
                 self.keys.workers, now_ms() - self.ttl_ms, "+inf"
             )
             if not ids:

@@ -1,0 +1,434 @@
+"""API request -> vLLM conversion (worker/requests.py): pure functions, no engine."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from typing import Any
+
+import pytest
+from PIL import Image as PILImage
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.errors import INVALID_ARGUMENT, RequestError
+from worker import requests
+
+GEN_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def png(size: tuple[int, int] = (8, 6)) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", size, (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def text(role: int, value: str) -> pb.Message:
+    return pb.Message(role=role, content=[pb.ContentPart(text=value)])  # type: ignore[arg-type]
+
+
+def fails(field: str) -> Any:
+    """pytest.raises for a RequestError whose message names ``field``."""
+    return pytest.raises(RequestError, match=re.escape(field))
+
+
+def raised(excinfo: pytest.ExceptionInfo[RequestError]) -> tuple[int, str]:
+    return excinfo.value.code, excinfo.value.field
+
+
+# ------------------------------------------------------------------ messages
+
+
+def test_chat_messages_roles_text_and_history() -> None:
+    req = pb.ChatRequest(
+        messages=[
+            text(pb.ROLE_SYSTEM, "be brief"),
+            text(pb.ROLE_USER, "weather?"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                reasoning="need a tool",
+                tool_calls=[pb.ToolCall(id="c1", name="get_weather", arguments_json='{"a": 1}')],
+            ),
+            pb.Message(
+                role=pb.ROLE_TOOL, tool_call_id="c1", content=[pb.ContentPart(text="sunny")]
+            ),
+            pb.Message(role=pb.ROLE_USER, name="bob", content=[pb.ContentPart(text="thanks")]),
+        ]
+    )
+    assert requests.chat_messages(req) == [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+        {
+            "role": "assistant",
+            "content": [],
+            "reasoning": "need a tool",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"a": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": [{"type": "text", "text": "sunny"}], "tool_call_id": "c1"},
+        {"role": "user", "content": [{"type": "text", "text": "thanks"}], "name": "bob"},
+    ]
+
+
+def test_images_become_data_urls_of_the_original_bytes() -> None:
+    data = png()
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    req = pb.ChatRequest(
+        messages=[
+            pb.Message(
+                role=pb.ROLE_USER,
+                content=[
+                    pb.ContentPart(text="two"),
+                    pb.ContentPart(image=pb.Image(data=data)),  # MIME type sniffed
+                    pb.ContentPart(image=pb.Image(url=url)),
+                ],
+            )
+        ]
+    )
+    messages = requests.chat_messages(req)
+    parts = messages[0]["content"]
+    assert parts[1] == {"type": "image_url", "image_url": {"url": url}}
+    assert parts[2] == {"type": "image_url", "image_url": {"url": url}}
+    assert requests.count_images(messages) == 2
+
+
+@pytest.mark.parametrize(
+    ("image", "field"),
+    [
+        (pb.Image(url="https://example.com/cat.png"), "messages[0].content[0].image.url"),
+        (pb.Image(url="http://example.com/cat.png"), "messages[0].content[0].image.url"),
+        (pb.Image(url="data:image/png;base64,!!!"), "messages[0].content[0].image.url"),
+        (pb.Image(data=b"\x89PNG\r\n\x1a\ntruncated"), "messages[0].content[0].image"),
+        (pb.Image(data=b"plain text", mime_type="text/plain"), "messages[0].content[0].image"),
+        (pb.Image(), "messages[0].content[0].image"),
+    ],
+)
+def test_bad_images_name_the_field(image: pb.Image, field: str) -> None:
+    req = pb.ChatRequest(
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(image=image)])]
+    )
+    with pytest.raises(RequestError) as excinfo:
+        requests.chat_messages(req)
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        (pb.Message(content=[pb.ContentPart(text="x")]), "messages[0].role"),
+        (pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart()]), "messages[0].content[0]"),
+        (
+            pb.Message(role=pb.ROLE_USER, tool_calls=[pb.ToolCall(name="f")]),
+            "messages[0].tool_calls",
+        ),
+        (
+            pb.Message(
+                role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(name="f", arguments_json="[1]")]
+            ),
+            "messages[0].tool_calls[0].arguments_json",
+        ),
+        (
+            pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(arguments_json="{}")]),
+            "messages[0].tool_calls[0].name",
+        ),
+        (pb.Message(role=pb.ROLE_USER, reasoning="hm"), "messages[0].reasoning"),
+    ],
+)
+def test_bad_messages_name_the_field(message: pb.Message, field: str) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        requests.chat_messages(pb.ChatRequest(messages=[message]))
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+
+
+def test_no_messages() -> None:
+    with pytest.raises(RequestError) as excinfo:
+        requests.chat_messages(pb.ChatRequest())
+    assert raised(excinfo) == (INVALID_ARGUMENT, "messages")
+
+
+# ------------------------------------------------------------------ tools
+
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+
+def weather(**kw: str) -> pb.Tool:
+    fields = {"name": "get_weather", "description": "Weather", "parameters_json_schema": ""}
+    fields["parameters_json_schema"] = json.dumps(WEATHER_SCHEMA)
+    fields.update(kw)
+    return pb.Tool(**fields)
+
+
+def test_tools() -> None:
+    req = pb.ChatRequest(tools=[weather(), pb.Tool(name="noop")])
+    assert requests.tools(req) == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather",
+                "parameters": WEATHER_SCHEMA,
+            },
+        },
+        {
+            "type": "function",
+            "function": {"name": "noop", "description": "", "parameters": {"type": "object"}},
+        },
+    ]
+    assert requests.tools(pb.ChatRequest()) is None
+
+
+@pytest.mark.parametrize(
+    ("tools", "field"),
+    [
+        ([weather(parameters_json_schema="{nope")], "tools[0].parameters_json_schema"),
+        ([weather(parameters_json_schema="[]")], "tools[0].parameters_json_schema"),
+        ([weather(parameters_json_schema='{"type": 5}')], "tools[0].parameters_json_schema"),
+        ([weather(name="bad name")], "tools[0].name"),
+        ([weather(), weather()], "tools[1].name"),
+    ],
+)
+def test_bad_tools(tools: list[pb.Tool], field: str) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        requests.tools(pb.ChatRequest(tools=tools))
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+
+
+def test_tool_choice() -> None:
+    mode = pb.ToolChoice
+    assert requests.tool_choice(pb.ChatRequest()) == "none"
+    assert requests.tool_choice(pb.ChatRequest(tools=[weather()])) == "auto"
+    with_tools = [weather()]
+    for value, expected in [
+        (mode.MODE_NONE, "none"),
+        (mode.MODE_AUTO, "auto"),
+        (mode.MODE_REQUIRED, "required"),
+    ]:
+        req = pb.ChatRequest(tools=with_tools, tool_choice=pb.ToolChoice(mode=value))
+        assert requests.tool_choice(req) == expected
+    named = pb.ToolChoice(mode=mode.MODE_FUNCTION, function_name="get_weather")
+    assert requests.tool_choice(pb.ChatRequest(tools=with_tools, tool_choice=named)) == {
+        "type": "function",
+        "function": {"name": "get_weather"},
+    }
+    with fails("tool_choice.function_name"):
+        bad = pb.ToolChoice(mode=mode.MODE_FUNCTION, function_name="other")
+        requests.tool_choice(pb.ChatRequest(tools=with_tools, tool_choice=bad))
+    with fails("tool_choice.mode"):
+        requests.tool_choice(pb.ChatRequest(tool_choice=pb.ToolChoice(mode=mode.MODE_REQUIRED)))
+
+
+def test_chat_template_kwargs() -> None:
+    assert requests.chat_template_kwargs(pb.ChatRequest()) == {}
+    req = pb.ChatRequest(
+        enable_thinking=False, chat_template_kwargs_json='{"enable_thinking": true, "x": 1}'
+    )
+    assert requests.chat_template_kwargs(req) == {"enable_thinking": False, "x": 1}
+    for bad in ('{"chat_template": "{{ evil }}"}', '{"tools": []}', "[1]", "{"):
+        with fails("chat_template_kwargs_json"):
+            requests.chat_template_kwargs(pb.ChatRequest(chat_template_kwargs_json=bad))
+
+
+# ------------------------------------------------------------------ structured output
+
+
+def test_structured_outputs() -> None:
+    so = pb.StructuredOutput
+    assert requests.structured_outputs(so()) is None
+    assert requests.structured_outputs(so(json_object=False)) is None
+    assert requests.structured_outputs(so(json_schema=json.dumps(WEATHER_SCHEMA))) == (
+        StructuredOutputsParams(json=WEATHER_SCHEMA)
+    )
+    assert requests.structured_outputs(so(regex="a+")) == StructuredOutputsParams(regex="a+")
+    assert requests.structured_outputs(so(choice=pb.Choices(values=["y", "n"]))) == (
+        StructuredOutputsParams(choice=["y", "n"])
+    )
+    assert requests.structured_outputs(so(json_object=True)) == (
+        StructuredOutputsParams(json_object=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("so", "field"),
+    [
+        (pb.StructuredOutput(json_schema="{"), "structured_output.json_schema"),
+        (pb.StructuredOutput(json_schema="3"), "structured_output.json_schema"),
+        (pb.StructuredOutput(json_schema='{"type": "nope"}'), "structured_output.json_schema"),
+        (pb.StructuredOutput(regex=""), "structured_output.regex"),
+        (pb.StructuredOutput(choice=pb.Choices()), "structured_output.choice.values"),
+    ],
+)
+def test_bad_structured_outputs(so: pb.StructuredOutput, field: str) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        requests.structured_outputs(so)
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_unset_fields_take_the_generation_config_then_vllm_defaults() -> None:
+    params = requests.sampling_params(
+        pb.SamplingParams(), pb.StructuredOutput(), GEN_DEFAULTS, 100, 10
+    )
+    assert params.temperature == 0.6
+    assert params.top_p == 0.95
+    assert params.top_k == 20
+    assert params.min_p == 0.0
+    assert params.presence_penalty == 0.0
+    assert params.repetition_penalty == 1.0
+    assert params.n == 1
+    assert params.max_tokens == 90  # the rest of the context
+    assert params.seed is None
+    assert params.logprobs is None
+    assert params.output_kind == RequestOutputKind.DELTA
+    assert params.skip_special_tokens
+    assert params.structured_outputs is None
+
+
+def test_explicit_fields() -> None:
+    sampling = pb.SamplingParams(
+        max_tokens=5,
+        min_tokens=2,
+        temperature=0.7,
+        top_p=0.5,
+        top_k=-1,
+        min_p=0.1,
+        presence_penalty=1.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.1,
+        stop=["END"],
+        stop_token_ids=[7, 8],
+        n=3,
+        logprobs=True,
+        top_logprobs=4,
+        ignore_eos=True,
+        seed=42,
+        include_stop_str_in_output=True,
+    )
+    params = requests.sampling_params(
+        sampling,
+        pb.StructuredOutput(regex="[ab]+"),
+        GEN_DEFAULTS,
+        100,
+        10,
+        skip_special_tokens=False,
+    )
+    assert (params.max_tokens, params.min_tokens) == (5, 2)
+    assert params.temperature == 0.7  # not float32's 0.699999988
+    assert (params.top_p, params.top_k, params.min_p) == (0.5, -1, 0.1)
+    assert (params.presence_penalty, params.frequency_penalty) == (1.5, -0.5)
+    assert params.repetition_penalty == 1.1
+    assert params.stop == ["END"]
+    assert params.stop_token_ids == [7, 8]
+    assert params.n == 3
+    assert params.logprobs == 4
+    assert params.ignore_eos
+    assert params.seed == 42
+    assert params.include_stop_str_in_output
+    assert not params.skip_special_tokens
+    assert params.structured_outputs == StructuredOutputsParams(regex="[ab]+")
+
+
+def test_logprobs_without_alternatives() -> None:
+    params = requests.sampling_params(
+        pb.SamplingParams(logprobs=True), pb.StructuredOutput(), {}, 100, 1
+    )
+    assert params.logprobs == 0
+
+
+def test_generation_config_stop_ids_and_max_tokens_are_merged() -> None:
+    defaults = {"stop_token_ids": [9], "max_tokens": 20}
+    params = requests.sampling_params(
+        pb.SamplingParams(stop_token_ids=[3]), pb.StructuredOutput(), defaults, 100, 10
+    )
+    assert params.stop_token_ids == [3, 9]
+    assert params.max_tokens == 20
+
+
+def test_max_tokens_must_fit_the_context() -> None:
+    fits = requests.sampling_params(
+        pb.SamplingParams(max_tokens=90), pb.StructuredOutput(), {}, 100, 10
+    )
+    assert fits.max_tokens == 90
+    with pytest.raises(RequestError) as excinfo:
+        requests.sampling_params(
+            pb.SamplingParams(max_tokens=91), pb.StructuredOutput(), {}, 100, 10
+        )
+    assert raised(excinfo) == (INVALID_ARGUMENT, "sampling.max_tokens")
+    with pytest.raises(RequestError) as excinfo:
+        requests.sampling_params(
+            pb.SamplingParams(), pb.StructuredOutput(), {}, 100, 100, prompt_field="token_ids"
+        )
+    assert raised(excinfo) == (INVALID_ARGUMENT, "token_ids")
+    unknown = requests.sampling_params(pb.SamplingParams(), pb.StructuredOutput(), {}, 100, None)
+    assert unknown.max_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        (pb.SamplingParams(temperature=3.0), "sampling.temperature"),
+        (pb.SamplingParams(top_p=0.0), "sampling.top_p"),
+        (pb.SamplingParams(temperature=0.0, n=2), "sampling"),
+        (pb.SamplingParams(min_tokens=9, max_tokens=3), "sampling"),
+    ],
+)
+def test_vllm_validation_errors_become_request_errors(
+    sampling: pb.SamplingParams, field: str
+) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        requests.sampling_params(sampling, pb.StructuredOutput(), {}, 100, 1)
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+
+
+def test_priority_high_runs_first() -> None:
+    assert requests.priority(pb.PRIORITY_HIGH) == -1
+    assert requests.priority(pb.PRIORITY_NORMAL) == 0
+    assert requests.priority(pb.PRIORITY_UNSPECIFIED) == 0
+    assert requests.priority(pb.PRIORITY_LOW) == 1
+    ordered = [pb.PRIORITY_HIGH, pb.PRIORITY_NORMAL, pb.PRIORITY_LOW]
+    assert sorted(ordered, key=requests.priority) == ordered
+
+
+# ------------------------------------------------------------------ generate
+
+
+def test_generate_prompt() -> None:
+    assert requests.generate_prompt(pb.GenerateRequest(text="hi"), 10) == {"prompt": "hi"}
+    ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 9]))
+    assert requests.generate_prompt(ids, 10) == {"prompt_token_ids": [1, 9]}
+    with_image = requests.generate_prompt(
+        pb.GenerateRequest(
+            text="<img>", images=[pb.Image(data=png((5, 4)), mime_type="image/png")]
+        ),
+        10,
+    )
+    (image,) = with_image["multi_modal_data"]["image"]
+    assert (image.mode, image.size) == ("RGB", (5, 4))
+
+
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 10])), "token_ids.ids[1]"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids.ids"),
+        (pb.GenerateRequest(), "prompt"),
+        (pb.GenerateRequest(text=""), "text"),
+        (
+            pb.GenerateRequest(text="x", images=[pb.Image(url="https://x/y.png")]),
+            "images[0].url",
+        ),
+    ],
+)
+def test_bad_generate_prompts(req: pb.GenerateRequest, field: str) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        requests.generate_prompt(req, 10)
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)

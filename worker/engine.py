@@ -1,0 +1,428 @@
+"""The worker's vLLM engine: the only place in the project that runs vLLM.
+
+:class:`Engine` wraps ``vllm.v1.engine.async_llm.AsyncLLM`` (``vllm.AsyncLLMEngine``).
+For each queued job it renders the prompt with vLLM's renderer (the model's chat
+template, images, tools), builds ``SamplingParams`` (``worker.requests``), streams
+``AsyncLLM.generate`` with DELTA outputs and turns them into API events with vLLM's
+qwen3 / qwen3_coder parsers (``worker.events``). Invalid input raises
+:class:`~qwen_serve.errors.RequestError` before the first event; a dead engine
+raises :class:`~qwen_serve.errors.EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+import vllm
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+from vllm.parser.parser_manager import ParserManager
+from vllm.renderers import ChatParams, TokenizeParams, merge_kwargs
+from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+from vllm.v1.engine.exceptions import EngineGenerateError
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.errors import (
+    INTERNAL,
+    RESOURCE_EXHAUSTED,
+    EngineDeadError,
+    RequestError,
+    invalid,
+)
+from qwen_serve.queue.v1 import queue_pb2
+from worker import requests
+from worker.events import ChoiceStream, RequestStream
+from worker.profiles import CPU_TINY, EngineProfile, Overrides, ResolvedProfile, resolve
+
+logger = logging.getLogger(__name__)
+
+STRUCTURED_WORDS = ("grammar", "regex", "schema", "json", "choice", "structured", "xgrammar")
+
+
+class SettingsLike(Protocol):
+    """Worker settings: a profile name plus the attributes ``Overrides.from_settings`` reads."""
+
+    profile: str
+
+
+@dataclass
+class Prepared:
+    """A job rendered and ready for ``AsyncLLM.generate``."""
+
+    prompt: Any
+    params: Any
+    priority: int
+    stream: RequestStream
+    prompt_field: str
+    structured_field: str | None
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """One vLLM engine with the model's chat parsers."""
+
+    def __init__(self, llm: Any, resolved: ResolvedProfile, parser_cls: Any) -> None:
+        self._llm = llm
+        self.resolved = resolved
+        self._parser_cls = parser_cls
+        config = llm.vllm_config
+        self._defaults: dict[str, Any] = llm.model_config.get_diff_sampling_param()
+        self.max_context: int = llm.model_config.max_model_len
+        self.vocab_size: int = llm.model_config.get_vocab_size()
+        chunked = bool(config.scheduler_config.enable_chunked_prefill)
+        self.seed_supported = resolved.seed_supported or not chunked
+
+    # -------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def start(
+        cls, profile: EngineProfile | str | SettingsLike, overrides: Overrides | None = None
+    ) -> Engine:
+        """Set the profile's environment, start vLLM (~25 s on CPU) and its parsers."""
+        resolved = _resolve(profile, overrides)
+        await _ensure_model(resolved)
+        for key, value in resolved.env.items():
+            os.environ[key] = value
+            logger.info("set %s=%s for the engine", key, value)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.monotonic()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**resolved.engine_args))
+        logger.info("engine %s started in %.1f s", resolved.name, time.monotonic() - started)
+        parser_cls = ParserManager.get_parser(
+            tool_parser_name=resolved.tool_parser or None,
+            reasoning_parser_name=resolved.reasoning_parser or None,
+            enable_auto_tools=resolved.enable_auto_tool_choice,
+            model_name=llm.model_config.model,
+            tokenizer=llm.renderer.tokenizer,
+        )
+        return cls(llm, resolved, parser_cls)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine runs at once (its max_num_seqs)."""
+        return int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+
+    def model_info(self) -> pb.ModelInfo:
+        """The served model, its limits and capabilities."""
+        cls = self._parser_cls
+        return pb.ModelInfo(
+            served_model_name=self.resolved.served_model_name,
+            model_path=self.resolved.model,
+            max_context_tokens=self.max_context,
+            max_images_per_prompt=self.resolved.max_images_per_prompt,
+            supports_vision=bool(self._llm.model_config.is_multimodal_model),
+            supports_tools=cls is not None and cls.tool_parser_cls is not None,
+            supports_reasoning=cls is not None and cls.reasoning_parser_cls is not None,
+            supports_structured_output=True,
+            reasoning_parser=self.resolved.reasoning_parser,
+            tool_call_parser=self.resolved.tool_parser,
+            vocab_size=self.vocab_size,
+            engine_version=vllm.__version__,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (idempotent: unknown or finished ids are ignored)."""
+        try:
+            await self._llm.abort(request_id)
+        except Exception:
+            logger.exception("abort of %s failed", request_id)
+
+    def num_unfinished(self) -> int:
+        """Sequences in the engine now (a request with n choices counts n)."""
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def check_health(self) -> None:
+        """Raise EngineDeadError if the engine has died."""
+        try:
+            await self._llm.check_health()
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError() from exc
+
+    def shutdown(self) -> None:
+        """Stop the engine processes."""
+        self._llm.shutdown()
+
+    # -------------------------------------------------------------- requests
+
+    async def run(self, request_id: str, job: queue_pb2.Job) -> AsyncIterator[pb.ChatEvent]:
+        """Stream the events of one job: Deltas, a Finished per choice, then Usage.
+
+        Raises RequestError before the first event when the input is invalid, and
+        EngineDeadError whenever the engine dies. Closing the iterator aborts the request.
+        """
+        prepared = await self._prepare(job)
+        stream = self._llm.generate(
+            prepared.prompt,
+            prepared.params,
+            request_id,
+            trace_headers=dict(job.trace_context) or None,
+            priority=prepared.priority,
+            **prepared.generate_kwargs,
+        )
+        async with contextlib.aclosing(stream):
+            started = False
+            while True:
+                try:
+                    output = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    raise _translate(exc, prepared, started) from exc
+                for event in prepared.stream.feed(output):
+                    started = True
+                    yield event
+        for event in prepared.stream.close():
+            yield event
+
+    async def _prepare(self, job: queue_pb2.Job) -> Prepared:
+        kind = job.WhichOneof("request")
+        if kind == "chat":
+            return await self._prepare_chat(job.chat)
+        if kind == "generate":
+            return await self._prepare_generate(job.generate)
+        raise invalid("request", "the job carries no request")
+
+    def _check_seed(self, sampling: pb.SamplingParams) -> None:
+        if sampling.HasField("seed") and not self.seed_supported:
+            raise invalid(
+                "sampling.seed",
+                "per-request seeds are not supported by this engine (CPU with chunked prefill)",
+            )
+
+    def _check_images(self, count: int, field_name: str) -> None:
+        limit = self.resolved.max_images_per_prompt
+        if count > limit:
+            raise invalid(field_name, f"{count} images; at most {limit} per prompt")
+
+    def _tok_params(self, sampling: pb.SamplingParams, *, chat: bool) -> TokenizeParams:
+        return TokenizeParams(
+            max_total_tokens=self.max_context,
+            max_output_tokens=min(sampling.max_tokens, self.max_context),
+            add_special_tokens=not chat,
+            max_total_tokens_param="max_context_tokens",
+            max_output_tokens_param="sampling.max_tokens",
+        )
+
+    async def _prepare_chat(self, req: pb.ChatRequest) -> Prepared:
+        messages = requests.chat_messages(req)
+        self._check_images(requests.count_images(messages), "messages")
+        self._check_seed(req.sampling)
+        tool_dicts = requests.tools(req)
+        template_kwargs = requests.chat_template_kwargs(req)
+        vreq = _chat_request(messages, tool_dicts, requests.tool_choice(req), template_kwargs)
+        vreq.structured_outputs = requests.structured_outputs(req.structured_output)
+        parser = self._new_parser(vreq, template_kwargs)
+        if parser is not None:
+            vreq = parser.adjust_request(vreq)
+        prompt = await self._render_chat(messages, tool_dicts, template_kwargs, req.sampling)
+        prompt_ids: list[int] = list(prompt["prompt_token_ids"])
+        params = requests.sampling_params(
+            req.sampling,
+            req.structured_output,
+            self._defaults,
+            self.max_context,
+            len(prompt_ids),
+            skip_special_tokens=vreq.skip_special_tokens,
+        )
+        params.structured_outputs = vreq.structured_outputs
+        parsers = [parser] + [self._new_parser(vreq, template_kwargs) for _ in range(params.n - 1)]
+        reasoning_kwargs = None
+        if parser is not None and parser.reasoning_parser is not None:
+            reasoning_kwargs = {"chat_template_kwargs": template_kwargs}
+        return Prepared(
+            prompt=prompt,
+            params=params,
+            priority=requests.priority(req.priority),
+            stream=_request_stream(parsers, vreq, req.sampling),
+            prompt_field="messages",
+            structured_field=_structured_field(req.structured_output),
+            generate_kwargs={
+                "reasoning_ended": vreq.resolve_reasoning_ended(parser, prompt_ids),
+                "reasoning_parser_kwargs": reasoning_kwargs,
+            },
+        )
+
+    def _new_parser(self, vreq: ChatCompletionRequest, template_kwargs: dict[str, Any]) -> Any:
+        if self._parser_cls is None:
+            return None
+        return self._parser_cls(
+            self._llm.renderer.tokenizer,
+            vreq.tools,
+            chat_template_kwargs=template_kwargs,
+            model_config=self._llm.model_config,
+        )
+
+    async def _render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tool_dicts: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any],
+        sampling: pb.SamplingParams,
+    ) -> Any:
+        mm_config = self._llm.model_config.multimodal_config
+        chat_params = ChatParams(
+            chat_template_kwargs=merge_kwargs(
+                template_kwargs,
+                {
+                    "add_generation_prompt": True,
+                    "continue_final_message": False,
+                    "tools": tool_dicts,
+                },
+            ),
+            media_io_kwargs=mm_config.media_io_kwargs if mm_config else None,
+        )
+        try:
+            _, (prompt,) = await self._llm.renderer.render_chat_async(
+                [messages], chat_params, self._tok_params(sampling, chat=True)
+            )
+        except (
+            VLLMValidationError,
+            ValueError,
+            TypeError,
+            AssertionError,
+            jinja2.TemplateError,
+        ) as exc:
+            raise _input_error(exc, "messages") from exc
+        return prompt
+
+    async def _prepare_generate(self, req: pb.GenerateRequest) -> Prepared:
+        prompt_field = "text" if req.WhichOneof("prompt") == "text" else "token_ids"
+        self._check_images(len(req.images), "images")
+        self._check_seed(req.sampling)
+        raw = await asyncio.to_thread(requests.generate_prompt, req, self.vocab_size)
+        try:
+            (prompt,) = await self._llm.renderer.render_cmpl_async(
+                [parse_model_prompt(self._llm.model_config, raw)],
+                self._tok_params(req.sampling, chat=False),
+            )
+        except (VLLMValidationError, ValueError, TypeError, AssertionError) as exc:
+            # AssertionError: vLLM's multimodal processor found no placeholder for an image.
+            raise _input_error(exc, "images" if req.images else prompt_field) from exc
+        params = requests.sampling_params(
+            req.sampling,
+            req.structured_output,
+            self._defaults,
+            self.max_context,
+            len(prompt["prompt_token_ids"]),
+            prompt_field=prompt_field,
+        )
+        return Prepared(
+            prompt=prompt,
+            params=params,
+            priority=requests.priority(req.priority),
+            stream=_request_stream([None] * params.n, None, req.sampling),
+            prompt_field=prompt_field,
+            structured_field=_structured_field(req.structured_output),
+            # Raw completions have no reasoning phase: constrain from the first token.
+            generate_kwargs={"reasoning_ended": True},
+        )
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _resolve(
+    profile: EngineProfile | str | SettingsLike, overrides: Overrides | None
+) -> ResolvedProfile:
+    if isinstance(profile, EngineProfile | str):
+        return resolve(profile, overrides)
+    return resolve(profile.profile, overrides or Overrides.from_settings(profile))
+
+
+async def _ensure_model(resolved: ResolvedProfile) -> None:
+    """Build the tiny checkpoint for cpu-tiny when its directory holds none yet."""
+    path = Path(resolved.model)
+    if resolved.name != CPU_TINY or (path / "config.json").is_file():
+        return
+    from worker.tiny_model import build_tiny_model
+
+    logger.info("no checkpoint in %s: building the tiny model", path)
+    await asyncio.to_thread(build_tiny_model, path)
+
+
+def _chat_request(
+    messages: list[dict[str, Any]],
+    tool_dicts: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any],
+    template_kwargs: dict[str, Any],
+) -> ChatCompletionRequest:
+    """The vLLM request object its parsers read (tools, tool_choice, reasoning)."""
+    try:
+        return ChatCompletionRequest.model_validate(
+            {
+                "messages": messages,
+                "tools": tool_dicts,
+                "tool_choice": tool_choice,
+                "chat_template_kwargs": template_kwargs,
+                "stream": True,
+            }
+        )
+    except (VLLMValidationError, ValueError) as exc:
+        raise _input_error(exc, "tool_choice") from exc
+
+
+def _request_stream(parsers: list[Any], vreq: Any, sampling: pb.SamplingParams) -> RequestStream:
+    top = (
+        (sampling.top_logprobs if sampling.HasField("top_logprobs") else 0)
+        if sampling.logprobs
+        else None
+    )
+    stop_ids = frozenset(sampling.stop_token_ids)
+    return RequestStream(
+        [
+            ChoiceStream(i, p, vreq, top_logprobs=top, stop_token_ids=stop_ids)
+            for i, p in enumerate(parsers)
+        ]
+    )
+
+
+def _structured_field(so: pb.StructuredOutput) -> str | None:
+    kind = so.WhichOneof("kind")
+    return None if kind is None else f"structured_output.{kind}"
+
+
+def _input_error(exc: BaseException, field_name: str) -> RequestError:
+    """INVALID_ARGUMENT for an input vLLM rejected, naming the most specific field known."""
+    if isinstance(exc, VLLMValidationError):
+        parameter = exc.parameter or ""
+        if parameter.startswith("sampling."):
+            field_name = parameter
+        elif parameter in requests.SAMPLING_FIELDS:
+            field_name = requests.SAMPLING_FIELDS[parameter]
+        message = str(exc.args[0]) if exc.args else str(exc)
+    elif isinstance(exc, AssertionError):
+        message = f"the prompt does not match its images: {exc}"
+    else:
+        message = str(exc) or type(exc).__name__
+    return invalid(field_name, message)
+
+
+def _translate(exc: BaseException, prepared: Prepared, started: bool) -> BaseException:
+    """The API error for an exception out of ``AsyncLLM.generate``."""
+    if isinstance(exc, VLLMEngineDeadError | EngineDeadError):
+        return EngineDeadError()
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, GracefulHTTPError):
+        return RequestError(RESOURCE_EXHAUSTED, "", exc.message, retryable=True)
+    cause = exc.__cause__ if isinstance(exc, EngineGenerateError) else exc
+    if not started and isinstance(cause, VLLMValidationError | ValueError | TypeError):
+        text = str(cause).lower()
+        structured = prepared.structured_field
+        if structured and any(word in text for word in STRUCTURED_WORDS):
+            return _input_error(cause, structured)
+        return _input_error(cause, prepared.prompt_field)
+    logger.error("generation failed: %r", exc)
+    return RequestError(INTERNAL, "", f"generation failed: {exc}", retryable=True)

@@ -1,0 +1,459 @@
+"""API request -> vLLM input conversion, as pure functions.
+
+Everything here is deterministic and needs no engine: OpenAI-style chat message
+dicts for vLLM's renderer, tool definitions, tool choice, chat template kwargs,
+structured-output constraints, ``vllm.SamplingParams`` and the scheduling
+priority. Invalid input raises :class:`qwen_serve.errors.RequestError`
+(INVALID_ARGUMENT) naming the offending field, e.g. ``messages[2].content[0].image``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import jsonschema
+from PIL import Image as PILImage
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.errors import RequestError, invalid
+
+logger = logging.getLogger(__name__)
+
+ROLES: Final[Mapping[int, str]] = {
+    pb.ROLE_SYSTEM: "system",
+    pb.ROLE_USER: "user",
+    pb.ROLE_ASSISTANT: "assistant",
+    pb.ROLE_TOOL: "tool",
+}
+IMAGE_MIME_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
+TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_TEMPLATE_KWARGS: Final = frozenset(
+    {
+        "chat_template",
+        "tools",
+        "documents",
+        "messages",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+    }
+)
+SAMPLING_DEFAULTS: Final[Mapping[str, float | int]] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+"""vLLM's defaults for fields neither the request nor the generation config sets."""
+PRIORITIES: Final[Mapping[int, int]] = {
+    pb.PRIORITY_HIGH: -1,
+    pb.PRIORITY_NORMAL: 0,
+    pb.PRIORITY_UNSPECIFIED: 0,
+    pb.PRIORITY_LOW: 1,
+}
+"""API priority -> vLLM priority. vLLM serves lower values first; ties go by arrival."""
+_SNIFF: Final = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+# ------------------------------------------------------------------ images
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """MIME type of encoded image bytes from their magic number, if known."""
+    for magic, mime in _SNIFF:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _check_image(data: bytes, field: str) -> None:
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            img.verify()
+    except Exception as exc:
+        raise invalid(field, f"not a decodable image: {exc}") from None
+
+
+def _data_url_bytes(url: str, field: str) -> tuple[str, bytes]:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise invalid(field, "expected a data:<mime>;base64,<data> URL")
+    mime = header[len("data:") : -len(";base64")].lower()
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, "data: URL payload is not valid base64") from None
+    return mime, data
+
+
+def image_bytes(image: pb.Image, field: str) -> tuple[str, bytes]:
+    """(MIME type, encoded bytes) of an API image, checked to decode.
+
+    Remote http(s) URLs are refused: the server fetches nothing on a client's behalf.
+    """
+    source = image.WhichOneof("source")
+    if source is None:
+        raise invalid(field, "image has neither data nor url")
+    if source == "url":
+        url = image.url.strip()
+        if url.lower().startswith(("http://", "https://")):
+            raise invalid(f"{field}.url", "remote image URLs are not allowed; send the bytes")
+        mime, data = _data_url_bytes(url, f"{field}.url")
+    else:
+        data = image.data
+        mime = image.mime_type.lower() or sniff_mime(data) or ""
+    if not data:
+        raise invalid(field, "image is empty")
+    if mime not in IMAGE_MIME_TYPES:
+        raise invalid(field, f"unsupported image type {mime or 'unknown'!r}")
+    _check_image(data, field)
+    return mime, data
+
+
+def image_data_url(image: pb.Image, field: str) -> str:
+    """A ``data:`` URL of the image's original bytes (vLLM decodes it itself)."""
+    mime, data = image_bytes(image, field)
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def decode_image(image: pb.Image, field: str) -> PILImage.Image:
+    """The image decoded to RGB (first frame of a GIF)."""
+    _, data = image_bytes(image, field)
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as exc:
+        raise invalid(field, f"not a decodable image: {exc}") from None
+
+
+# ------------------------------------------------------------------ chat
+
+
+def _content(message: pb.Message, field: str) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for k, part in enumerate(message.content):
+        kind = part.WhichOneof("part")
+        if kind == "text":
+            parts.append({"type": "text", "text": part.text})
+        elif kind == "image":
+            url = image_data_url(part.image, f"{field}.content[{k}].image")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            raise invalid(f"{field}.content[{k}]", "content part is empty")
+    return parts
+
+
+def _json_object(text: str, field: str, *, empty: str = "{}") -> dict[str, Any]:
+    try:
+        value = json.loads(text or empty)
+    except json.JSONDecodeError as exc:
+        raise invalid(field, f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise invalid(field, "must be a JSON object")
+    return value
+
+
+def _tool_calls(message: pb.Message, field: str) -> list[dict[str, Any]]:
+    calls = []
+    for j, call in enumerate(message.tool_calls):
+        call_field = f"{field}.tool_calls[{j}]"
+        if not call.name:
+            raise invalid(f"{call_field}.name", "tool call has no name")
+        _json_object(call.arguments_json, f"{call_field}.arguments_json")
+        calls.append(
+            {
+                "id": call.id or f"call_{j}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
+            }
+        )
+    return calls
+
+
+def chat_message(message: pb.Message, field: str) -> dict[str, Any]:
+    """One API message as an OpenAI-style message dict."""
+    role = ROLES.get(message.role)
+    if role is None:
+        raise invalid(f"{field}.role", "role must be system, user, assistant or tool")
+    out: dict[str, Any] = {"role": role, "content": _content(message, field)}
+    if message.tool_calls:
+        if role != "assistant":
+            raise invalid(f"{field}.tool_calls", "only assistant messages carry tool calls")
+        out["tool_calls"] = _tool_calls(message, field)
+    if message.reasoning:
+        if role != "assistant":
+            raise invalid(f"{field}.reasoning", "only assistant messages carry reasoning")
+        out["reasoning"] = message.reasoning
+    if role == "tool":
+        out["tool_call_id"] = message.tool_call_id
+    if message.name:
+        out["name"] = message.name
+    return out
+
+
+def chat_messages(req: pb.ChatRequest) -> list[dict[str, Any]]:
+    """The conversation as OpenAI-style message dicts (images as data: URLs)."""
+    if not req.messages:
+        raise invalid("messages", "at least one message is required")
+    return [chat_message(m, f"messages[{i}]") for i, m in enumerate(req.messages)]
+
+
+def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Image parts in OpenAI-style messages."""
+    return sum(
+        1
+        for message in messages
+        for part in message.get("content") or ()
+        if isinstance(part, Mapping) and part.get("type") == "image_url"
+    )
+
+
+def _check_schema(schema: Any, field: str) -> None:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise invalid(field, f"not a valid JSON Schema: {exc.message}") from None
+
+
+def tools(req: pb.ChatRequest) -> list[dict[str, Any]] | None:
+    """The request's tools as OpenAI function-tool dicts; None when there are none."""
+    if not req.tools:
+        return None
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for j, tool in enumerate(req.tools):
+        if not TOOL_NAME.match(tool.name):
+            raise invalid(f"tools[{j}].name", "must match [A-Za-z0-9_-]{1,64}")
+        if tool.name in seen:
+            raise invalid(f"tools[{j}].name", f"duplicate tool name {tool.name!r}")
+        seen.add(tool.name)
+        field = f"tools[{j}].parameters_json_schema"
+        schema = _json_object(tool.parameters_json_schema, field, empty='{"type": "object"}')
+        _check_schema(schema, field)
+        function = {"name": tool.name, "description": tool.description, "parameters": schema}
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def tool_choice(req: pb.ChatRequest) -> str | dict[str, Any]:
+    """OpenAI ``tool_choice``: "none", "auto", "required" or a named function."""
+    mode = req.tool_choice.mode
+    if mode == pb.ToolChoice.MODE_UNSPECIFIED:
+        return "auto" if req.tools else "none"
+    if mode == pb.ToolChoice.MODE_NONE:
+        return "none"
+    if not req.tools:
+        raise invalid("tool_choice.mode", "tool choice needs at least one tool")
+    if mode == pb.ToolChoice.MODE_AUTO:
+        return "auto"
+    if mode == pb.ToolChoice.MODE_REQUIRED:
+        return "required"
+    if mode == pb.ToolChoice.MODE_FUNCTION:
+        name = req.tool_choice.function_name
+        if name not in {t.name for t in req.tools}:
+            raise invalid("tool_choice.function_name", f"no tool is named {name!r}")
+        return {"type": "function", "function": {"name": name}}
+    raise invalid("tool_choice.mode", f"unknown mode {mode}")
+
+
+def chat_template_kwargs(req: pb.ChatRequest) -> dict[str, Any]:
+    """Keyword arguments for the chat template (``enable_thinking`` wins over the JSON)."""
+    field = "chat_template_kwargs_json"
+    kwargs = _json_object(req.chat_template_kwargs_json, field)
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise invalid(field, f"may not set {', '.join(reserved)}")
+    if req.HasField("enable_thinking"):
+        kwargs["enable_thinking"] = req.enable_thinking
+    return kwargs
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def structured_outputs(
+    so: pb.StructuredOutput, field: str = "structured_output"
+) -> StructuredOutputsParams | None:
+    """The constraint as vLLM ``StructuredOutputsParams``; None when unconstrained."""
+    kind = so.WhichOneof("kind")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(so.json_schema)
+        except json.JSONDecodeError as exc:
+            raise invalid(f"{field}.json_schema", f"not valid JSON: {exc}") from None
+        if not isinstance(schema, dict | bool):
+            raise invalid(f"{field}.json_schema", "must be a JSON object")
+        _check_schema(schema, f"{field}.json_schema")
+        return StructuredOutputsParams(json=schema)
+    if kind == "regex":
+        if not so.regex:
+            raise invalid(f"{field}.regex", "regex is empty")
+        return StructuredOutputsParams(regex=so.regex)
+    if kind == "choice":
+        values = list(so.choice.values)
+        if not values or not all(values):
+            raise invalid(f"{field}.choice.values", "needs at least one non-empty value")
+        return StructuredOutputsParams(choice=values)
+    if kind == "json_object" and so.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return None
+
+
+def _round(value: float) -> float:
+    """A proto float32 as the decimal the client most likely meant (0.7, not 0.69999)."""
+    return float(f"{value:.7g}")
+
+
+def _sampled(sampling: pb.SamplingParams, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, fallback in SAMPLING_DEFAULTS.items():
+        if sampling.HasField(name):
+            value = getattr(sampling, name)
+            out[name] = value if isinstance(value, int) else _round(value)
+        else:
+            out[name] = defaults.get(name, fallback)
+    return out
+
+
+def max_tokens(
+    sampling: pb.SamplingParams,
+    defaults: Mapping[str, Any],
+    max_context: int,
+    prompt_len: int | None,
+    prompt_field: str = "messages",
+) -> int | None:
+    """Output budget: the request's, checked to fit, or whatever room the context leaves."""
+    room = None if prompt_len is None else max_context - prompt_len
+    if room is not None and room <= 0:
+        raise invalid(
+            prompt_field,
+            f"the prompt has {prompt_len} tokens, leaving no room for output in the "
+            f"context of {max_context} tokens",
+        )
+    if sampling.HasField("max_tokens"):
+        if room is not None and sampling.max_tokens > room:
+            raise invalid(
+                "sampling.max_tokens",
+                f"{sampling.max_tokens} output tokens do not fit: the prompt has "
+                f"{prompt_len} tokens and the context holds {max_context}",
+            )
+        return sampling.max_tokens
+    default = defaults.get("max_tokens")
+    candidates = [v for v in (room, default) if v is not None]
+    return min(candidates) if candidates else None
+
+
+def _stop_token_ids(sampling: pb.SamplingParams, defaults: Mapping[str, Any]) -> list[int]:
+    ids = list(sampling.stop_token_ids)
+    return list(dict.fromkeys([*ids, *(defaults.get("stop_token_ids") or ())]))
+
+
+def sampling_params(
+    sampling: pb.SamplingParams,
+    structured: pb.StructuredOutput,
+    defaults: Mapping[str, Any],
+    max_context: int,
+    prompt_len: int | None,
+    *,
+    skip_special_tokens: bool = True,
+    prompt_field: str = "messages",
+) -> SamplingParams:
+    """vLLM ``SamplingParams`` (output kind DELTA) for the API sampling settings.
+
+    Unset fields take ``defaults`` (the model's generation config, from
+    ``ModelConfig.get_diff_sampling_param()``), then vLLM's defaults.
+    """
+    kwargs = _sampled(sampling, defaults)
+    try:
+        return SamplingParams(
+            n=sampling.n if sampling.HasField("n") else 1,
+            **kwargs,
+            seed=sampling.seed if sampling.HasField("seed") else None,
+            stop=list(sampling.stop),
+            stop_token_ids=_stop_token_ids(sampling, defaults),
+            include_stop_str_in_output=sampling.include_stop_str_in_output,
+            ignore_eos=sampling.ignore_eos,
+            max_tokens=max_tokens(sampling, defaults, max_context, prompt_len, prompt_field),
+            min_tokens=sampling.min_tokens,
+            logprobs=(sampling.top_logprobs if sampling.logprobs else None),
+            skip_special_tokens=skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured_outputs(structured),
+        )
+    except VLLMValidationError as exc:
+        raise from_validation_error(exc, "sampling") from None
+
+
+SAMPLING_FIELDS: Final[Mapping[str, str]] = {
+    "logprobs": "sampling.top_logprobs",
+    "max_tokens": "sampling.max_tokens",
+    "max_completion_tokens": "sampling.max_tokens",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "stop_token_ids": "sampling.stop_token_ids",
+    "n": "sampling.n",
+}
+
+
+def from_validation_error(exc: VLLMValidationError, field: str) -> RequestError:
+    """INVALID_ARGUMENT for a vLLM validation error, naming the field where known."""
+    parameter = exc.parameter or ""
+    message = exc.args[0] if exc.args else str(exc)
+    return invalid(SAMPLING_FIELDS.get(parameter, field), str(message))
+
+
+def priority(p: int) -> int:
+    """vLLM priority for an API priority: HIGH -1, NORMAL/unset 0, LOW 1 (lower runs first)."""
+    return PRIORITIES.get(p, 0)
+
+
+# ------------------------------------------------------------------ generate
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> list[int]:
+    """The ids as a list, each checked to be below ``vocab_size``."""
+    if not ids:
+        raise invalid(field, "at least one token id is required")
+    for i, token in enumerate(ids):
+        if token >= vocab_size:
+            raise invalid(f"{field}[{i}]", f"token id {token} is not below {vocab_size}")
+    return list(ids)
+
+
+def generate_prompt(req: pb.GenerateRequest, vocab_size: int) -> dict[str, Any]:
+    """A vLLM TextPrompt or TokensPrompt dict, with decoded images as multi_modal_data."""
+    kind = req.WhichOneof("prompt")
+    prompt: dict[str, Any]
+    if kind == "text":
+        if not req.text:
+            raise invalid("text", "the prompt is empty")
+        prompt = {"prompt": req.text}
+    elif kind == "token_ids":
+        ids = check_token_ids(req.token_ids.ids, vocab_size, "token_ids.ids")
+        prompt = {"prompt_token_ids": ids}
+    else:
+        raise invalid("prompt", "set text or token_ids")
+    if req.images:
+        images = [decode_image(img, f"images[{i}]") for i, img in enumerate(req.images)]
+        prompt["multi_modal_data"] = {"image": images}
+    return prompt
