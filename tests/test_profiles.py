@@ -152,6 +152,12 @@ def test_bad_overrides_are_refused(overrides: Overrides) -> None:
         resolve(ROCM_TP4, overrides)
 
 
+def test_mtp_is_refused_on_cpu() -> None:
+    with pytest.raises(ValueError, match="MTP"):
+        resolve(CPU_TINY, Overrides(mtp_tokens=1))
+    assert "speculative_config" not in engine_args(CPU_TINY, Overrides(mtp_tokens=0))
+
+
 def test_unknown_profile() -> None:
     with pytest.raises(ValueError, match="cpu-tiny"):
         get_profile("tpu-v9")
@@ -163,7 +169,7 @@ def test_vllm_accepts_the_engine_args(name: str) -> None:
     """AsyncEngineArgs takes every key (constructed only: no engine, GPU or weights)."""
     from vllm import AsyncEngineArgs
 
-    args = engine_args(name, Overrides(mtp_tokens=1))
+    args = engine_args(name, Overrides(mtp_tokens=1 if name == ROCM_TP4 else 0))
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     assert set(args) <= fields
     built = AsyncEngineArgs(**args)

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,13 +32,7 @@ from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 from vllm.v1.engine.exceptions import EngineGenerateError
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.errors import (
-    INTERNAL,
-    RESOURCE_EXHAUSTED,
-    EngineDeadError,
-    RequestError,
-    invalid,
-)
+from qwen_serve.errors import INTERNAL, RESOURCE_EXHAUSTED, EngineDeadError, RequestError, invalid
 from qwen_serve.queue.v1 import queue_pb2
 from worker import requests
 from worker.events import ChoiceStream, RequestStream
@@ -156,7 +150,7 @@ class Engine:
 
     # -------------------------------------------------------------- requests
 
-    async def run(self, request_id: str, job: queue_pb2.Job) -> AsyncIterator[pb.ChatEvent]:
+    async def run(self, request_id: str, job: queue_pb2.Job) -> AsyncGenerator[pb.ChatEvent, None]:
         """Stream the events of one job: Deltas, a Finished per choice, then Usage.
 
         Raises RequestError before the first event when the input is invalid, and
@@ -221,8 +215,13 @@ class Engine:
         self._check_seed(req.sampling)
         tool_dicts = requests.tools(req)
         template_kwargs = requests.chat_template_kwargs(req)
-        vreq = _chat_request(messages, tool_dicts, requests.tool_choice(req), template_kwargs)
-        vreq.structured_outputs = requests.structured_outputs(req.structured_output)
+        vreq = _chat_request(
+            messages,
+            tool_dicts,
+            requests.tool_choice(req),
+            template_kwargs,
+            requests.structured_outputs(req.structured_output),
+        )
         parser = self._new_parser(vreq, template_kwargs)
         if parser is not None:
             vreq = parser.adjust_request(vreq)
@@ -357,8 +356,9 @@ def _chat_request(
     tool_dicts: list[dict[str, Any]] | None,
     tool_choice: str | dict[str, Any],
     template_kwargs: dict[str, Any],
+    structured: Any,
 ) -> ChatCompletionRequest:
-    """The vLLM request object its parsers read (tools, tool_choice, reasoning)."""
+    """The vLLM request its parsers read (tools, tool_choice), validated by vLLM."""
     try:
         return ChatCompletionRequest.model_validate(
             {
@@ -366,11 +366,16 @@ def _chat_request(
                 "tools": tool_dicts,
                 "tool_choice": tool_choice,
                 "chat_template_kwargs": template_kwargs,
+                "structured_outputs": structured,
                 "stream": True,
             }
         )
-    except (VLLMValidationError, ValueError) as exc:
-        raise _input_error(exc, "tool_choice") from exc
+    except VLLMValidationError as exc:
+        top = (exc.parameter or "").split(".")[0]
+        field_name = top if top in ("tools", "tool_choice") else "structured_output"
+        raise _input_error(exc, field_name) from exc
+    except ValueError as exc:  # pydantic's ValidationError
+        raise _input_error(exc, "messages") from exc
 
 
 def _request_stream(parsers: list[Any], vreq: Any, sampling: pb.SamplingParams) -> RequestStream:

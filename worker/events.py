@@ -50,12 +50,18 @@ class ParserLike(Protocol):
 class OutputLike(Protocol):
     """What is used of ``vllm.outputs.CompletionOutput``."""
 
-    index: int
-    text: str
-    token_ids: Sequence[int]
-    logprobs: Any
-    finish_reason: str | None
-    stop_reason: int | str | None
+    @property
+    def index(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+    @property
+    def logprobs(self) -> Any: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def stop_reason(self) -> int | str | None: ...
 
 
 @dataclass
@@ -263,9 +269,12 @@ class _Text:
 class RequestOutputLike(Protocol):
     """What is used of ``vllm.outputs.RequestOutput``."""
 
-    prompt_token_ids: list[int] | None
-    num_cached_tokens: int | None
-    outputs: Sequence[Any]
+    @property
+    def prompt_token_ids(self) -> Sequence[int] | None: ...
+    @property
+    def num_cached_tokens(self) -> int | None: ...
+    @property
+    def outputs(self) -> Sequence[Any]: ...
 
 
 @dataclass

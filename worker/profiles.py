@@ -24,7 +24,7 @@ Profiles:
     GPUs: float16, tensor parallel 4, ``gpu_memory_utilization`` 0.95, 256000 tokens,
     two images per prompt without multimodal profiling, qwen3 reasoning parser, qwen3_coder
     tool parser with auto tool choice, prefix caching. MTP speculative decoding is off
-    unless ``Overrides.mtp_tokens`` > 0.
+    unless ``Overrides.mtp_tokens`` > 0 (refused on CPU, where vLLM 0.32 crashes with it).
 
 Both use ``scheduling_policy="priority"`` so that the API's Priority reaches vLLM
 (see ``worker.requests.priority``: lower values are served first).
@@ -238,7 +238,13 @@ def apply_overrides(profile: EngineProfile, overrides: Overrides | None) -> Engi
             **overrides.extra_engine_args,
         }
     _check(changes)
-    return replace(profile, **changes)
+    effective = replace(profile, **changes)
+    if effective.device == "cpu" and effective.mtp_tokens > 0:
+        # vLLM 0.32 CPU: with prefix caching the Mamba "align" pre-copy is a Triton kernel
+        # (no CPU backend), and without it the rejection sampler's top-k path indexes out
+        # of bounds on the first sampled request (top_k 20 is the model's default).
+        raise ValueError("MTP speculative decoding crashes vLLM's CPU engine; use a GPU profile")
+    return effective
 
 
 def _check(changes: Mapping[str, Any]) -> None:
