@@ -43,7 +43,13 @@ fi
 
 ln -sfn "$venv" "$root/.venv"
 log "installing qwen-serve (editable; generates the gRPC stubs)"
-"$venv/bin/pip" install "${pip_args[@]}" -q --no-deps --no-build-isolation -e "$root"
+install_log=$(mktemp)
+if ! "$venv/bin/pip" install "${pip_args[@]}" -q --no-deps --no-build-isolation -e "$root" \
+    >"$install_log" 2>&1; then
+    cat "$install_log" >&2
+    exit 1
+fi
+rm -f "$install_log"
 # Drop stamps of older environments so the cache does not grow without bound.
 find "$cache" -maxdepth 1 -name 'venv-*' ! -name "venv-$key" -mtime +14 -exec rm -rf {} + 2>/dev/null || true
 log "ready: $root/.venv"
