@@ -43,6 +43,9 @@ class RouterSettings(QueueSettings):
     max_inflight: int = Field(
         default=1024, ge=1, description="Requests this router streams at once; more are refused."
     )
+    max_inflight_per_tenant: int = Field(
+        default=256, ge=1, description="Streams one tenant may have open on this router."
+    )
     max_queue_depth: int = Field(
         default=4096, ge=0, description="Unclaimed jobs in Redis above which requests are refused."
     )

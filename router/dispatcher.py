@@ -77,6 +77,7 @@ class Dispatcher:
         self.view = ClusterView()
         self.listeners: list[Callable[[ClusterView], Awaitable[None]]] = []
         self._channels: dict[str, _Channel] = {}
+        self._per_tenant: dict[str, int] = {}
         self._pending: asyncio.Queue[tuple[Job, asyncio.Future[None]]] = asyncio.Queue()
         self._submitted_since_refresh = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -105,8 +106,8 @@ class Dispatcher:
         """Requests this router is streaming now."""
         return len(self._channels)
 
-    def admit(self) -> None:
-        """Raise a RequestError unless a new request can be taken now."""
+    def admit(self, tenant: str = "") -> None:
+        """Raise a RequestError unless a new request of ``tenant`` can be taken now."""
         if self.view.draining:
             raise RequestError(UNAVAILABLE, "", "router is shutting down", retryable=True)
         if not self.view.redis_ok:
@@ -122,6 +123,14 @@ class Dispatcher:
                 retryable=True,
                 retry_after_ms=self.settings.retry_after_ms,
             )
+        if self._per_tenant.get(tenant, 0) >= self.settings.max_inflight_per_tenant:
+            raise RequestError(
+                RESOURCE_EXHAUSTED,
+                "",
+                f"tenant {tenant or 'anonymous'!r} has {self._per_tenant[tenant]} streams open",
+                retryable=True,
+                retry_after_ms=self.settings.retry_after_ms,
+            )
 
     async def stream(self, job: Job) -> AsyncGenerator[pb.ChatEvent, None]:
         """Submit ``job`` and yield its events up to the terminal one.
@@ -130,6 +139,7 @@ class Dispatcher:
         """
         channel = _Channel()
         self._channels[job.request_id] = channel
+        self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
         finished = False
         try:
             await self._submit(job)
@@ -141,8 +151,16 @@ class Dispatcher:
                     return
         finally:
             self._channels.pop(job.request_id, None)
+            self._release_tenant(job.tenant)
             if not finished:
                 self._spawn(self._abort_quietly(job.request_id))
+
+    def _release_tenant(self, tenant: str) -> None:
+        left = self._per_tenant.get(tenant, 0) - 1
+        if left > 0:
+            self._per_tenant[tenant] = left
+        else:
+            self._per_tenant.pop(tenant, None)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request wherever it runs; True if this router streams it."""
