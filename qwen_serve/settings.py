@@ -8,9 +8,10 @@ Nothing here is read at import time.
 from __future__ import annotations
 
 import secrets
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def new_id(prefix: str) -> str:
@@ -49,6 +50,9 @@ class RouterSettings(QueueSettings):
     max_queue_depth: int = Field(
         default=4096, ge=0, description="Unclaimed jobs in Redis above which requests are refused."
     )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Workers one stream may be continued on after losses."
+    )
     submit_batch_max: int = Field(default=256, ge=1, description="Jobs per pipelined write.")
     retry_after_ms: int = Field(default=500, ge=1, description="Retry hint when overloaded.")
     drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
@@ -72,8 +76,30 @@ class WorkerSettings(QueueSettings):
         default=None, ge=0, description="MTP speculative tokens; 0 turns it off."
     )
     kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU KV cache size (GiB).")
+    structured_output_in_reasoning: bool = Field(
+        default=False,
+        description="Constrain reasoning too (vLLM enable_in_reasoning). Off in production: "
+        "constraints apply after </think>. Tests use it to spell reasoning with a regex.",
+    )
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1, description="Largest encoded image accepted (bytes)."
+    )
+    max_image_pixels: int = Field(
+        default=7680 * 4320, ge=1, description="Largest image decoded (width x height)."
+    )
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs are fetched (comma-separated; "
+        "'*.example.com' covers subdomains). Empty: remote image URLs are refused.",
+    )
+    image_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time limit of one remote image fetch."
+    )
     drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
     claim_block_ms: int = Field(default=200, ge=1, description="Longest wait of one claim call.")
+    max_deliveries: int = Field(
+        default=3, ge=1, description="Deliveries of an unstarted job before it is dead-lettered."
+    )
     status_file: str = Field(
         default="/tmp/qwen-serve-worker.json",
         description="Where the worker writes its liveness for `python -m worker.probe`.",
@@ -81,3 +107,10 @@ class WorkerSettings(QueueSettings):
     coalesce_ms: float = Field(
         default=2.0, ge=0, description="How long deltas gather before one write to Redis."
     )
+
+    @field_validator("image_url_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value

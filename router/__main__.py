@@ -17,6 +17,9 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
     parser.add_argument("--key-prefix", help="prefix of every Redis key")
     parser.add_argument("--max-inflight", type=int, help="streams at once before refusing")
+    parser.add_argument(
+        "--max-inflight-per-tenant", type=int, help="streams of one tenant before refusing"
+    )
     parser.add_argument("--max-queue-depth", type=int, help="queued jobs before refusing")
     parser.add_argument("--drain-grace-s", type=float, help="seconds to finish streams on stop")
     parser.add_argument("--max-message-bytes", type=int, help="largest request accepted")

@@ -19,8 +19,9 @@ from typing import Any
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
 from qwen_serve.queue.broker import QueueUnavailable, RouterQueue
-from qwen_serve.queue.codec import Job, WorkerStatus
+from qwen_serve.queue.codec import Job, Reply, WorkerStatus
 from qwen_serve.settings import RouterSettings
+from router import jobs
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,31 @@ class ClusterView:
 
 @dataclass
 class _Channel:
-    """Events of one request on their way from the reader to the servicer."""
+    """Events of one request on their way from the reader to the servicer.
 
+    It remembers what a continuation needs if the worker dies mid-stream: the
+    job, the tokens of choice 0 delivered so far and the workers lost.
+    """
+
+    job: Job
     events: asyncio.Queue[pb.ChatEvent] = field(default_factory=asyncio.Queue)
     worker_id: str = ""
+    started: bool = False
+    token_ids: list[int] = field(default_factory=list)
+    lost_workers: set[str] = field(default_factory=set)
+
+    def deliver(self, reply: Reply) -> None:
+        """Queue a reply's events, dropping a repeated Started."""
+        self.worker_id = reply.worker_id
+        for event in reply.events:
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                if self.started:
+                    continue
+                self.started = True
+            elif kind == "delta" and event.delta.index == 0:
+                self.token_ids.extend(event.delta.token_ids)
+            self.events.put_nowait(event)
 
 
 def _error_event(code: int, message: str, retryable: bool) -> pb.ChatEvent:
@@ -137,7 +159,7 @@ class Dispatcher:
 
         Leaving early (client cancel, deadline, error) aborts the request.
         """
-        channel = _Channel()
+        channel = _Channel(job)
         self._channels[job.request_id] = channel
         self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
         finished = False
@@ -205,11 +227,9 @@ class Dispatcher:
             for entry_id, reply in entries:
                 last_id = entry_id
                 channel = self._channels.get(reply.request_id) if reply else None
-                if reply is None or channel is None:
+                if reply is None or channel is None or reply.worker_id in channel.lost_workers:
                     continue
-                channel.worker_id = reply.worker_id
-                for event in reply.events:
-                    channel.events.put_nowait(event)
+                channel.deliver(reply)
             if entries and time.monotonic() - last_trim > TRIM_EVERY_S:
                 last_trim = time.monotonic()
                 self._spawn(self._trim_quietly(last_id))
@@ -231,17 +251,37 @@ class Dispatcher:
         else:
             self.view.redis_ok, self.view.workers, self.view.queue_depth = True, workers, depth
             self._submitted_since_refresh = 0
-            self._fail_orphans({w.worker_id for w in workers})
+            self._recover_orphans({w.worker_id for w in workers})
         await self._notify()
 
-    def _fail_orphans(self, live: set[str]) -> None:
-        """End streams whose worker's heartbeat has stopped."""
+    def _recover_orphans(self, live: set[str]) -> None:
+        """Continue elsewhere, or end, streams whose worker's heartbeat has stopped."""
         for channel in self._channels.values():
-            if channel.worker_id and channel.worker_id not in live:
-                channel.events.put_nowait(
-                    _error_event(UNAVAILABLE, f"worker {channel.worker_id} stopped", True)
+            lost = channel.worker_id
+            if not lost or lost in live:
+                continue
+            channel.lost_workers.add(lost)
+            channel.worker_id = ""
+            job = channel.job
+            if jobs.can_continue(job) and job.attempt + 1 < self.settings.max_attempts:
+                channel.job = jobs.continuation_job(job, channel.token_ids)
+                logger.warning(
+                    "worker %s lost; continuing %s after %d tokens (attempt %d)",
+                    lost,
+                    job.request_id,
+                    len(channel.token_ids),
+                    channel.job.attempt,
                 )
-                channel.worker_id = ""
+                self._spawn(self._resubmit(channel))
+            else:
+                message = f"worker {lost} stopped and the stream cannot be continued"
+                channel.events.put_nowait(_error_event(UNAVAILABLE, message, True))
+
+    async def _resubmit(self, channel: _Channel) -> None:
+        try:
+            await self._submit(channel.job)
+        except RequestError as exc:
+            channel.events.put_nowait(_error_event(exc.code, exc.message, True))
 
     def _fail_all(self, message: str) -> None:
         for channel in self._channels.values():

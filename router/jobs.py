@@ -53,3 +53,20 @@ def make_job(
     else:
         job.generate.CopyFrom(request)
     return job
+
+
+def continuation_job(job: Job, delivered: list[int]) -> Job:
+    """The same request, continued after the tokens its client already received."""
+    again = Job()
+    again.CopyFrom(job)
+    again.attempt = job.attempt + 1
+    again.enqueued_unix_ms = now_ms()
+    del again.continuation_token_ids[:]
+    again.continuation_token_ids.extend(delivered)
+    return again
+
+
+def can_continue(job: Job) -> bool:
+    """Whether a lost stream of ``job`` can be continued elsewhere (single choice only)."""
+    request = job.chat if job.HasField("chat") else job.generate
+    return not request.sampling.HasField("n") or request.sampling.n <= 1

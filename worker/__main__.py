@@ -27,6 +27,21 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--max-model-len", type=int, help="context length")
     parser.add_argument("--mtp-tokens", type=int, help="MTP speculative tokens (0: off)")
     parser.add_argument("--kv-cache-gib", type=float, help="CPU KV cache size in GiB")
+    parser.add_argument(
+        "--structured-output-in-reasoning",
+        action="store_const",
+        const=True,
+        help="constrain reasoning too (vLLM enable_in_reasoning; for tests, not production)",
+    )
+    parser.add_argument("--max-image-bytes", type=int, help="largest encoded image accepted")
+    parser.add_argument("--max-image-pixels", type=int, help="largest image decoded (w x h)")
+    parser.add_argument(
+        "--image-url-host",
+        action="append",
+        dest="image_url_hosts",
+        help="fetch http(s) image URLs of this host (repeatable; default: refuse remote URLs)",
+    )
+    parser.add_argument("--image-fetch-timeout-s", type=float, help="remote image time limit")
     parser.add_argument("--drain-grace-s", type=float, help="seconds to finish jobs on stop")
     parser.add_argument("--coalesce-ms", type=float, help="delta coalescing window")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

@@ -34,8 +34,9 @@ from vllm.v1.engine.exceptions import EngineGenerateError
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INTERNAL, RESOURCE_EXHAUSTED, EngineDeadError, RequestError, invalid
 from qwen_serve.queue.v1 import queue_pb2
-from worker import requests
-from worker.events import ChoiceStream, RequestStream
+from worker import continuation, requests
+from worker.events import TOOL_CALL_END, RequestStream, request_stream
+from worker.images import ImagePolicy, load_images
 from worker.profiles import CPU_TINY, EngineProfile, Overrides, ResolvedProfile, resolve
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,19 @@ class Prepared:
 class Engine:
     """One vLLM engine with the model's chat parsers."""
 
-    def __init__(self, llm: Any, resolved: ResolvedProfile, parser_cls: Any) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        resolved: ResolvedProfile,
+        parser_cls: Any,
+        image_policy: ImagePolicy | None = None,
+    ) -> None:
         self._llm = llm
         self.resolved = resolved
         self._parser_cls = parser_cls
+        self.image_policy = image_policy or ImagePolicy()
+        vocab = llm.renderer.tokenizer.get_vocab()
+        self._call_end_id: int | None = vocab.get(TOOL_CALL_END) if parser_cls else None
         config = llm.vllm_config
         self._defaults: dict[str, Any] = llm.model_config.get_diff_sampling_param()
         self.max_context: int = llm.model_config.max_model_len
@@ -82,8 +92,12 @@ class Engine:
     async def start(
         cls, profile: EngineProfile | str | SettingsLike, overrides: Overrides | None = None
     ) -> Engine:
-        """Set the profile's environment, start vLLM (~25 s on CPU) and its parsers."""
+        """Set the profile's environment, start vLLM (~25 s on CPU) and its parsers.
+
+        Given worker settings, their image limits apply (``ImagePolicy.from_settings``).
+        """
         resolved = _resolve(profile, overrides)
+        policy = ImagePolicy.from_settings(profile)
         await _ensure_model(resolved)
         for key, value in resolved.env.items():
             os.environ[key] = value
@@ -92,7 +106,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.monotonic()
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**resolved.engine_args))
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_args(resolved)))
         logger.info("engine %s started in %.1f s", resolved.name, time.monotonic() - started)
         parser_cls = ParserManager.get_parser(
             tool_parser_name=resolved.tool_parser or None,
@@ -101,7 +115,7 @@ class Engine:
             model_name=llm.model_config.model,
             tokenizer=llm.renderer.tokenizer,
         )
-        return cls(llm, resolved, parser_cls)
+        return cls(llm, resolved, parser_cls, policy)
 
     @property
     def capacity(self) -> int:
@@ -183,10 +197,20 @@ class Engine:
     async def _prepare(self, job: queue_pb2.Job) -> Prepared:
         kind = job.WhichOneof("request")
         if kind == "chat":
-            return await self._prepare_chat(job.chat)
-        if kind == "generate":
-            return await self._prepare_generate(job.generate)
-        raise invalid("request", "the job carries no request")
+            prepared = await self._prepare_chat(job.chat)
+        elif kind == "generate":
+            prepared = await self._prepare_generate(job.generate)
+        else:
+            raise invalid("request", "the job carries no request")
+        if job.continuation_token_ids:
+            continuation.apply(
+                prepared.prompt,
+                prepared.params,
+                prepared.stream,
+                list(job.continuation_token_ids),
+                self._llm.renderer.tokenizer,
+            )
+        return prepared
 
     def _check_seed(self, sampling: pb.SamplingParams) -> None:
         if sampling.HasField("seed") and not self.seed_supported:
@@ -210,12 +234,13 @@ class Engine:
         )
 
     async def _prepare_chat(self, req: pb.ChatRequest) -> Prepared:
-        messages = requests.chat_messages(req)
-        self._check_images(requests.count_images(messages), "messages")
+        refs = requests.image_refs(req)
+        self._check_images(len(refs), "messages")
         self._check_seed(req.sampling)
         tool_dicts = requests.tools(req)
         template_kwargs = requests.chat_template_kwargs(req)
-        vreq = _chat_request(
+        messages = requests.chat_messages(req, await load_images(refs, self.image_policy))
+        vreq = requests.vllm_chat_request(
             messages,
             tool_dicts,
             requests.tool_choice(req),
@@ -244,9 +269,9 @@ class Engine:
             prompt=prompt,
             params=params,
             priority=requests.priority(req.priority),
-            stream=_request_stream(parsers, vreq, req.sampling),
+            stream=request_stream(parsers, vreq, req.sampling, self._call_end_id),
             prompt_field="messages",
-            structured_field=_structured_field(req.structured_output),
+            structured_field=requests.structured_field(req.structured_output),
             generate_kwargs={
                 "reasoning_ended": vreq.resolve_reasoning_ended(parser, prompt_ids),
                 "reasoning_parser_kwargs": reasoning_kwargs,
@@ -300,7 +325,9 @@ class Engine:
         prompt_field = "text" if req.WhichOneof("prompt") == "text" else "token_ids"
         self._check_images(len(req.images), "images")
         self._check_seed(req.sampling)
-        raw = await asyncio.to_thread(requests.generate_prompt, req, self.vocab_size)
+        refs = [(f"images[{i}]", image) for i, image in enumerate(req.images)]
+        decoded = await load_images(refs, self.image_policy)
+        raw = requests.generate_prompt(req, self.vocab_size, list(decoded.values()))
         try:
             (prompt,) = await self._llm.renderer.render_cmpl_async(
                 [parse_model_prompt(self._llm.model_config, raw)],
@@ -321,9 +348,9 @@ class Engine:
             prompt=prompt,
             params=params,
             priority=requests.priority(req.priority),
-            stream=_request_stream([None] * params.n, None, req.sampling),
+            stream=request_stream([None] * params.n, None, req.sampling, None),
             prompt_field=prompt_field,
-            structured_field=_structured_field(req.structured_output),
+            structured_field=requests.structured_field(req.structured_output),
             # Raw completions have no reasoning phase: constrain from the first token.
             generate_kwargs={"reasoning_ended": True},
         )
@@ -340,6 +367,17 @@ def _resolve(
     return resolve(profile.profile, overrides or Overrides.from_settings(profile))
 
 
+def _engine_args(resolved: ResolvedProfile) -> dict[str, Any]:
+    """The profile's AsyncEngineArgs keywords, with config dicts vLLM wants as objects."""
+    args = dict(resolved.engine_args)
+    structured = args.get("structured_outputs_config")
+    if isinstance(structured, dict):
+        from vllm.config import StructuredOutputsConfig
+
+        args["structured_outputs_config"] = StructuredOutputsConfig(**structured)
+    return args
+
+
 async def _ensure_model(resolved: ResolvedProfile) -> None:
     """Build the tiny checkpoint for cpu-tiny when its directory holds none yet."""
     path = Path(resolved.model)
@@ -349,53 +387,6 @@ async def _ensure_model(resolved: ResolvedProfile) -> None:
 
     logger.info("no checkpoint in %s: building the tiny model", path)
     await asyncio.to_thread(build_tiny_model, path)
-
-
-def _chat_request(
-    messages: list[dict[str, Any]],
-    tool_dicts: list[dict[str, Any]] | None,
-    tool_choice: str | dict[str, Any],
-    template_kwargs: dict[str, Any],
-    structured: Any,
-) -> ChatCompletionRequest:
-    """The vLLM request its parsers read (tools, tool_choice), validated by vLLM."""
-    try:
-        return ChatCompletionRequest.model_validate(
-            {
-                "messages": messages,
-                "tools": tool_dicts,
-                "tool_choice": tool_choice,
-                "chat_template_kwargs": template_kwargs,
-                "structured_outputs": structured,
-                "stream": True,
-            }
-        )
-    except VLLMValidationError as exc:
-        top = (exc.parameter or "").split(".")[0]
-        field_name = top if top in ("tools", "tool_choice") else "structured_output"
-        raise _input_error(exc, field_name) from exc
-    except ValueError as exc:  # pydantic's ValidationError
-        raise _input_error(exc, "messages") from exc
-
-
-def _request_stream(parsers: list[Any], vreq: Any, sampling: pb.SamplingParams) -> RequestStream:
-    top = (
-        (sampling.top_logprobs if sampling.HasField("top_logprobs") else 0)
-        if sampling.logprobs
-        else None
-    )
-    stop_ids = frozenset(sampling.stop_token_ids)
-    return RequestStream(
-        [
-            ChoiceStream(i, p, vreq, top_logprobs=top, stop_token_ids=stop_ids)
-            for i, p in enumerate(parsers)
-        ]
-    )
-
-
-def _structured_field(so: pb.StructuredOutput) -> str | None:
-    kind = so.WhichOneof("kind")
-    return None if kind is None else f"structured_output.{kind}"
 
 
 def _input_error(exc: BaseException, field_name: str) -> RequestError:

@@ -27,6 +27,8 @@ FINISH_REASONS: Final[Mapping[str, int]] = {
     "repetition": pb.FINISH_REASON_STOP,
 }
 """vLLM ``CompletionOutput.finish_reason`` -> API reason ("error" raises instead)."""
+TOOL_CALL_END: Final = "</tool_call>"
+"""The token that closes a qwen3_coder tool call: a call without it was cut off."""
 
 
 class ParserLike(Protocol):
@@ -137,11 +139,20 @@ def finish_reason(reason: str | None, called_tools: bool) -> int:
     return mapped
 
 
-def complete_tool_calls(calls: Mapping[int, ToolCallState]) -> list[pb.ToolCall]:
-    """Tool calls whose arguments are a complete JSON object, in index order."""
+def complete_tool_calls(
+    calls: Mapping[int, ToolCallState], closed: int | None = None
+) -> list[pb.ToolCall]:
+    """Tool calls whose arguments are a complete JSON object, in index order.
+
+    ``closed`` is how many calls the model closed (``TOOL_CALL_END`` tokens): later ones
+    were cut off (by max_tokens, a stop or an abort) and are left out. None skips that check.
+    """
     out = []
-    for index in sorted(calls):
+    for position, index in enumerate(sorted(calls)):
         call = calls[index]
+        if closed is not None and position >= closed:
+            logger.info("dropping unterminated tool call %d (%s)", index, call.name or "no name")
+            continue
         arguments = call.arguments or "{}"
         try:
             complete = isinstance(json.loads(arguments), dict)
@@ -196,6 +207,8 @@ class ChoiceStream:
     """None: no logprobs; otherwise alternatives per token (0 for none)."""
     stop_token_ids: frozenset[int] = frozenset()
     """The request's stop token ids: only these are reported as matched (not EOS ids)."""
+    call_end_id: int | None = None
+    """Token id of ``TOOL_CALL_END``; None when unknown (then JSON completeness decides)."""
     token_ids: list[int] = field(default_factory=list)
     calls: dict[int, ToolCallState] = field(default_factory=dict)
     finished: bool = False
@@ -213,13 +226,18 @@ class ChoiceStream:
             events.append(pb.ChatEvent(delta=delta))
         if done:
             self.finished = True
-            calls = complete_tool_calls(self.calls)
+            calls = self.complete_calls()
             reason = finish_reason(output.finish_reason, bool(calls))
             stop = output.stop_reason
             if isinstance(stop, int) and stop not in self.stop_token_ids:
                 stop = None  # an end-of-sequence id from the generation config
             events.append(finished_event(self.index, reason, stop, calls))
         return events
+
+    def complete_calls(self) -> list[pb.ToolCall]:
+        """The choice's tool calls that were closed and carry complete JSON arguments."""
+        closed = None if self.call_end_id is None else self.token_ids.count(self.call_end_id)
+        return complete_tool_calls(self.calls, closed)
 
     def reasoning_tokens(self) -> int:
         """Reasoning tokens of this choice so far (per vLLM's reasoning parser)."""
@@ -286,12 +304,14 @@ class RequestStream:
     cached_tokens: int = 0
     prompt_token_ids: list[int] | None = None
     closed: bool = False
+    continued_tokens: int = 0
+    """Tokens delivered by an earlier attempt and appended to the prompt (worker/continuation.py)."""
 
     def feed(self, output: RequestOutputLike) -> list[pb.ChatEvent]:
         """Events for one ``RequestOutput`` (DELTA kind)."""
         if output.prompt_token_ids is not None:
             self.prompt_token_ids = list(output.prompt_token_ids)
-            self.prompt_tokens = len(self.prompt_token_ids)
+            self.prompt_tokens = len(self.prompt_token_ids) - self.continued_tokens
         self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens or 0)
         events: list[pb.ChatEvent] = []
         for choice_output in output.outputs:
@@ -305,7 +325,7 @@ class RequestStream:
             return []
         self.closed = True
         events = [
-            finished_event(c.index, pb.FINISH_REASON_ABORT, None, complete_tool_calls(c.calls))
+            finished_event(c.index, pb.FINISH_REASON_ABORT, None, c.complete_calls())
             for c in self.choices
             if not c.finished
         ]
@@ -320,3 +340,26 @@ class RequestStream:
             sum(c.reasoning_tokens() for c in self.choices),
             self.cached_tokens,
         )
+
+
+def request_stream(
+    parsers: Sequence[ParserLike | None],
+    request: Any,
+    sampling: pb.SamplingParams,
+    call_end_id: int | None,
+) -> RequestStream:
+    """A RequestStream with one choice per parser (None: text passes through as content)."""
+    top = (
+        (sampling.top_logprobs if sampling.HasField("top_logprobs") else 0)
+        if sampling.logprobs
+        else None
+    )
+    stop_ids = frozenset(sampling.stop_token_ids)
+    return RequestStream(
+        [
+            ChoiceStream(
+                i, p, request, top_logprobs=top, stop_token_ids=stop_ids, call_end_id=call_end_id
+            )
+            for i, p in enumerate(parsers)
+        ]
+    )

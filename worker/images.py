@@ -1,19 +1,27 @@
-"""API images -> what vLLM's renderer takes: data: URLs or decoded PIL images.
+"""API images -> decoded RGB images for vLLM's renderer, checked before they reach the engine.
 
-Images arrive as bytes (with or without a MIME type) or as ``data:`` URLs. Each is
-checked to be PNG, JPEG, WebP or GIF and to decode before it reaches vLLM, so a
-corrupt image is an INVALID_ARGUMENT naming its field. Remote http(s) URLs are
-refused: the server fetches nothing on a client's behalf (an allow-list may come later).
+An image arrives as bytes (MIME type optional: the bytes are sniffed), as a ``data:`` URL
+or, only for hosts on the worker's allow-list, as an http(s) URL that the worker fetches
+with a size and time limit. Each image must be PNG, JPEG, WebP or GIF (first frame), at
+most ``ImagePolicy.max_bytes`` encoded and ``ImagePolicy.max_pixels`` decoded (the
+decompression-bomb cap, checked from the header before any pixel is decoded), and must
+decode completely. Anything else is INVALID_ARGUMENT naming the part, e.g.
+``messages[0].content[1].image``; nothing reaches the engine. Decoding runs in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import logging
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
+import aiohttp
 from PIL import Image as PILImage
 
 from qwen_serve.api.v1 import serve_pb2 as pb
@@ -21,13 +29,59 @@ from qwen_serve.errors import invalid
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MIME_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
+FORMATS: Final[Mapping[str, str]] = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+}
+"""Accepted MIME types -> the PIL format allowed to decode them."""
+MIME_ALIASES: Final[Mapping[str, str]] = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
+IMAGE_MIME_TYPES: Final = frozenset(FORMATS)
+DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS: Final = 7680 * 4320
+DEFAULT_FETCH_TIMEOUT_S: Final = 10.0
+_CHUNK: Final = 64 * 1024
 _SNIFF: Final = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
     (b"GIF87a", "image/gif"),
     (b"GIF89a", "image/gif"),
 )
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Limits on images a worker accepts (from ``WorkerSettings``)."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    """Largest encoded image, after base64 decoding."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest width x height (8K UHD by default); larger images are refused unread."""
+    url_hosts: frozenset[str] = frozenset()
+    """Hosts whose http(s) URLs are fetched; ``*.example.com`` also matches subdomains."""
+    fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    """Time limit of one remote fetch, connection to last byte."""
+
+    @classmethod
+    def from_settings(cls, settings: object) -> ImagePolicy:
+        """The policy from an object with the worker settings' attribute names."""
+        hosts: Iterable[str] = getattr(settings, "image_url_hosts", None) or ()
+        return cls(
+            max_bytes=getattr(settings, "max_image_bytes", None) or DEFAULT_MAX_BYTES,
+            max_pixels=getattr(settings, "max_image_pixels", None) or DEFAULT_MAX_PIXELS,
+            url_hosts=frozenset(h.strip().lower() for h in hosts if h.strip()),
+            fetch_timeout_s=getattr(settings, "image_fetch_timeout_s", None)
+            or DEFAULT_FETCH_TIMEOUT_S,
+        )
+
+    def allows_host(self, host: str) -> bool:
+        """Whether images may be fetched from ``host``."""
+        host = host.lower().rstrip(".")
+        return any(
+            host == entry or (entry.startswith("*.") and host.endswith(entry[1:]))
+            for entry in self.url_hosts
+        )
 
 
 def sniff_mime(data: bytes) -> str | None:
@@ -40,19 +94,57 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
-def _check_image(data: bytes, field: str) -> None:
+# ------------------------------------------------------------------ decoding
+
+
+def _to_rgb(img: PILImage.Image) -> PILImage.Image:
+    """RGB pixels; transparency is composited onto white (as vLLM and transformers do)."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, mime: str, field: str, policy: ImagePolicy) -> PILImage.Image:
+    """Checked, fully decoded RGB image (GIF: first frame) of encoded ``data``.
+
+    ``mime`` is the declared type ("" when unknown); the bytes decide the format.
+    """
+    if not data:
+        raise invalid(field, "image is empty")
+    if len(data) > policy.max_bytes:
+        raise invalid(field, f"image has {len(data)} bytes; at most {policy.max_bytes} allowed")
+    declared = MIME_ALIASES.get(mime.lower(), mime.lower())
+    if declared and declared not in FORMATS:
+        raise invalid(field, f"unsupported image type {declared!r}; send PNG, JPEG, WebP or GIF")
+    actual = sniff_mime(data)
+    if actual is None:
+        raise invalid(field, "not a PNG, JPEG, WebP or GIF image")
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            img.verify()
-    except Exception as exc:
-        raise invalid(field, f"not a decodable image: {exc}") from None
+        with PILImage.open(io.BytesIO(data), formats=[FORMATS[actual]]) as img:
+            width, height = img.size
+            if width * height > policy.max_pixels:
+                raise invalid(
+                    field,
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"at most {policy.max_pixels} allowed",
+                )
+            img.load()
+            return _to_rgb(img)
+    except PILImage.DecompressionBombError as exc:
+        raise invalid(field, f"image exceeds {policy.max_pixels} pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise invalid(field, f"not a decodable {actual} image: {exc}") from None
 
 
-def _data_url_bytes(url: str, field: str) -> tuple[str, bytes]:
+def _data_url_bytes(url: str, field: str, policy: ImagePolicy) -> tuple[str, bytes]:
     header, sep, payload = url.partition(",")
-    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+    if not sep or not header.lower().startswith("data:") or not header.endswith(";base64"):
         raise invalid(field, "expected a data:<mime>;base64,<data> URL")
-    mime = header[len("data:") : -len(";base64")].lower()
+    if len(payload) * 3 // 4 > policy.max_bytes + 2:
+        raise invalid(field, f"image has more than {policy.max_bytes} bytes")
+    mime = header[len("data:") : -len(";base64")]
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -60,41 +152,77 @@ def _data_url_bytes(url: str, field: str) -> tuple[str, bytes]:
     return mime, data
 
 
-def image_bytes(image: pb.Image, field: str) -> tuple[str, bytes]:
-    """(MIME type, encoded bytes) of an API image, checked to decode.
+# ------------------------------------------------------------------ remote URLs
 
-    Remote http(s) URLs are refused: the server fetches nothing on a client's behalf.
+
+async def fetch(url: str, field: str, policy: ImagePolicy) -> bytes:
+    """The body of an http(s) image URL whose host is allowed, within the size and time limits.
+
+    Redirects are not followed (their target host would escape the allow-list).
     """
+    if not policy.url_hosts:
+        raise invalid(field, "remote image URLs are not allowed here; send the bytes")
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not policy.allows_host(host):
+        raise invalid(field, f"host {host!r} is not on this server's image host allow-list")
+    timeout = aiohttp.ClientTimeout(total=policy.fetch_timeout_s)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, allow_redirects=False) as response,
+        ):
+            if response.status != 200:
+                raise invalid(field, f"fetching the image failed: HTTP {response.status}")
+            declared = response.content_length
+            if declared is not None and declared > policy.max_bytes:
+                raise invalid(field, f"image has {declared} bytes; at most {policy.max_bytes}")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                body += chunk
+                if len(body) > policy.max_bytes:
+                    raise invalid(field, f"image has more than {policy.max_bytes} bytes")
+            return bytes(body)
+    except TimeoutError:
+        raise invalid(
+            field, f"fetching the image took longer than {policy.fetch_timeout_s:g} s"
+        ) from None
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise invalid(field, f"fetching the image failed: {exc}") from None
+
+
+async def image_bytes(image: pb.Image, field: str, policy: ImagePolicy) -> tuple[str, bytes]:
+    """(declared MIME type, encoded bytes) of an API image; fetches allowed remote URLs."""
     source = image.WhichOneof("source")
     if source is None:
         raise invalid(field, "image has neither data nor url")
-    if source == "url":
-        url = image.url.strip()
-        if url.lower().startswith(("http://", "https://")):
-            raise invalid(f"{field}.url", "remote image URLs are not allowed; send the bytes")
-        mime, data = _data_url_bytes(url, f"{field}.url")
-    else:
-        data = image.data
-        mime = image.mime_type.lower() or sniff_mime(data) or ""
-    if not data:
-        raise invalid(field, "image is empty")
-    if mime not in IMAGE_MIME_TYPES:
-        raise invalid(field, f"unsupported image type {mime or 'unknown'!r}")
-    _check_image(data, field)
-    return mime, data
+    if source == "data":
+        return image.mime_type, image.data
+    url = image.url.strip()
+    scheme = url.partition(":")[0].lower()
+    if scheme == "data":
+        return _data_url_bytes(url, f"{field}.url", policy)
+    if scheme in ("http", "https"):
+        return image.mime_type, await fetch(url, f"{field}.url", policy)
+    raise invalid(f"{field}.url", "must be a data: URL or an http(s) URL")
 
 
-def image_data_url(image: pb.Image, field: str) -> str:
-    """A ``data:`` URL of the image's original bytes (vLLM decodes it itself)."""
-    mime, data = image_bytes(image, field)
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+async def load_image(image: pb.Image, field: str, policy: ImagePolicy) -> PILImage.Image:
+    """One API image, fetched if needed, checked and decoded (in a thread)."""
+    mime, data = await image_bytes(image, field, policy)
+    return await asyncio.to_thread(decode, data, mime, field, policy)
 
 
-def decode_image(image: pb.Image, field: str) -> PILImage.Image:
-    """The image decoded to RGB (first frame of a GIF)."""
-    _, data = image_bytes(image, field)
-    try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except Exception as exc:
-        raise invalid(field, f"not a decodable image: {exc}") from None
+async def load_images(
+    refs: Iterable[tuple[str, pb.Image]], policy: ImagePolicy
+) -> dict[str, PILImage.Image]:
+    """Decoded images by field name; the first bad one (in request order) raises RequestError."""
+    refs = list(refs)
+    loaded = await asyncio.gather(
+        *(load_image(image, field, policy) for field, image in refs), return_exceptions=True
+    )
+    out: dict[str, PILImage.Image] = {}
+    for (field, _), result in zip(refs, loaded, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        out[field] = result
+    return out

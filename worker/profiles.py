@@ -80,6 +80,9 @@ class EngineProfile:
     scheduling_policy: SchedulingPolicy = "priority"
     seed_supported: bool = True
     """False where a per-request seed would crash the engine (CPU + chunked prefill)."""
+    structured_output_in_reasoning: bool = False
+    """Constrain reasoning too (vLLM ``enable_in_reasoning``); off: constraints start after
+    ``</think>``, as the model card's server does. Tests turn it on to spell reasoning."""
     extra_engine_args: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -97,6 +100,7 @@ class Overrides:
     kv_cache_gib: float | None = None
     gpu_memory_utilization: float | None = None
     scheduling_policy: SchedulingPolicy | None = None
+    structured_output_in_reasoning: bool | None = None
     extra_engine_args: Mapping[str, Any] = field(default_factory=dict)
     """More ``AsyncEngineArgs`` keywords, applied last (an escape hatch)."""
 
@@ -105,7 +109,8 @@ class Overrides:
         """Overrides from an object with the worker settings' attribute names.
 
         Reads ``model``, ``served_model_name``, ``capacity`` (max_num_seqs),
-        ``max_model_len``, ``mtp_tokens`` and ``kv_cache_gib`` where present.
+        ``max_model_len``, ``mtp_tokens``, ``kv_cache_gib`` and
+        ``structured_output_in_reasoning`` where present.
         """
         return cls(
             model=getattr(settings, "model", None),
@@ -114,6 +119,9 @@ class Overrides:
             max_model_len=getattr(settings, "max_model_len", None),
             mtp_tokens=getattr(settings, "mtp_tokens", None),
             kv_cache_gib=getattr(settings, "kv_cache_gib", None),
+            structured_output_in_reasoning=getattr(
+                settings, "structured_output_in_reasoning", None
+            ),
         )
 
 
@@ -229,6 +237,7 @@ def apply_overrides(profile: EngineProfile, overrides: Overrides | None) -> Engi
             "kv_cache_gib",
             "gpu_memory_utilization",
             "scheduling_policy",
+            "structured_output_in_reasoning",
         )
         if (value := getattr(overrides, name)) is not None
     }
@@ -279,6 +288,8 @@ def _engine_args(profile: EngineProfile) -> dict[str, Any]:
         args["enforce_eager"] = True
     if profile.skip_mm_profiling:
         args["skip_mm_profiling"] = True
+    if profile.structured_output_in_reasoning:
+        args["structured_outputs_config"] = {"enable_in_reasoning": True}
     if profile.mtp_tokens > 0:
         args["speculative_config"] = {
             "method": MTP_METHOD,

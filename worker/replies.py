@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from qwen_serve.api.v1 import serve_pb2 as pb
@@ -53,6 +54,8 @@ class ReplyWriter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._failing_since: float | None = None
+        self._discard = False
 
     def put(self, request_id: str, stream: str, event: pb.ChatEvent) -> None:
         """Queue one event of ``request_id`` for the reply stream ``stream``."""
@@ -74,6 +77,17 @@ class ReplyWriter:
             if not self._buffer:
                 self._idle.set()
 
+    def failing_for(self) -> float:
+        """Seconds the current write has been failing (0 when writes succeed)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+    def discard(self) -> None:
+        """Drop everything buffered and the write being retried (their readers are gone)."""
+        self._buffer.clear()
+        self._discard = True
+
     async def flush(self) -> None:
         """Wait until everything put so far is written."""
         await self._idle.wait()
@@ -83,10 +97,16 @@ class ReplyWriter:
             (p.stream, Reply(request_id=rid, events=p.events, worker_id=self.worker_id))
             for rid, p in batch.items()
         ]
-        while True:
+        self._discard = False
+        while not self._discard:
             try:
                 await self.queue.send(replies)
+                self._failing_since = None
                 return
             except QueueUnavailable as exc:
-                logger.warning("cannot write replies, retrying: %s", exc)
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    logger.warning("cannot write replies, retrying: %s", exc)
                 await asyncio.sleep(RETRY_DELAY_S)
+        logger.warning("discarded %d undeliverable replies", len(replies))
+        self._failing_since = None

@@ -5,7 +5,8 @@ dicts for vLLM's renderer, tool definitions, tool choice, chat template kwargs,
 structured-output constraints, ``vllm.SamplingParams`` and the scheduling
 priority. Invalid input raises :class:`qwen_serve.errors.RequestError`
 (INVALID_ARGUMENT) naming the offending field, e.g. ``messages[2].content[0].image``.
-Images are checked and encoded by ``worker.images``.
+Images are fetched, checked and decoded beforehand by ``worker.images`` (see
+:func:`image_refs`); the conversions here take the decoded images by field name.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import jsonschema
+from PIL.Image import Image as PILImage
 from vllm import SamplingParams
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RequestError, invalid
-from worker.images import decode_image, image_data_url
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +62,29 @@ PRIORITIES: Final[Mapping[int, int]] = {
 # ------------------------------------------------------------------ chat
 
 
-def _content(message: pb.Message, field: str) -> list[dict[str, Any]]:
+def image_refs(req: pb.ChatRequest) -> list[tuple[str, pb.Image]]:
+    """Every image part of the conversation with its field name, in order."""
+    return [
+        (f"messages[{i}].content[{k}].image", part.image)
+        for i, message in enumerate(req.messages)
+        for k, part in enumerate(message.content)
+        if part.WhichOneof("part") == "image"
+    ]
+
+
+def _content(
+    message: pb.Message, field: str, images: Mapping[str, PILImage]
+) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for k, part in enumerate(message.content):
         kind = part.WhichOneof("part")
         if kind == "text":
             parts.append({"type": "text", "text": part.text})
         elif kind == "image":
-            url = image_data_url(part.image, f"{field}.content[{k}].image")
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            image_field = f"{field}.content[{k}].image"
+            if image_field not in images:
+                raise invalid(image_field, "image was not loaded")
+            parts.append({"type": "image_pil", "image_pil": images[image_field]})
         else:
             raise invalid(f"{field}.content[{k}]", "content part is empty")
     return parts
@@ -101,12 +117,14 @@ def _tool_calls(message: pb.Message, field: str) -> list[dict[str, Any]]:
     return calls
 
 
-def chat_message(message: pb.Message, field: str) -> dict[str, Any]:
-    """One API message as an OpenAI-style message dict."""
+def chat_message(
+    message: pb.Message, field: str, images: Mapping[str, PILImage] | None = None
+) -> dict[str, Any]:
+    """One API message as an OpenAI-style message dict (images as decoded ``image_pil``)."""
     role = ROLES.get(message.role)
     if role is None:
         raise invalid(f"{field}.role", "role must be system, user, assistant or tool")
-    out: dict[str, Any] = {"role": role, "content": _content(message, field)}
+    out: dict[str, Any] = {"role": role, "content": _content(message, field, images or {})}
     if message.tool_calls:
         if role != "assistant":
             raise invalid(f"{field}.tool_calls", "only assistant messages carry tool calls")
@@ -122,21 +140,16 @@ def chat_message(message: pb.Message, field: str) -> dict[str, Any]:
     return out
 
 
-def chat_messages(req: pb.ChatRequest) -> list[dict[str, Any]]:
-    """The conversation as OpenAI-style message dicts (images as data: URLs)."""
+def chat_messages(
+    req: pb.ChatRequest, images: Mapping[str, PILImage] | None = None
+) -> list[dict[str, Any]]:
+    """The conversation as OpenAI-style message dicts.
+
+    ``images`` maps each field of :func:`image_refs` to its decoded image.
+    """
     if not req.messages:
         raise invalid("messages", "at least one message is required")
-    return [chat_message(m, f"messages[{i}]") for i, m in enumerate(req.messages)]
-
-
-def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Image parts in OpenAI-style messages."""
-    return sum(
-        1
-        for message in messages
-        for part in message.get("content") or ()
-        if isinstance(part, Mapping) and part.get("type") == "image_url"
-    )
+    return [chat_message(m, f"messages[{i}]", images) for i, m in enumerate(req.messages)]
 
 
 def _check_schema(schema: Any, field: str) -> None:
@@ -199,7 +212,41 @@ def chat_template_kwargs(req: pb.ChatRequest) -> dict[str, Any]:
     return kwargs
 
 
+def vllm_chat_request(
+    messages: list[dict[str, Any]],
+    tool_dicts: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any],
+    template_kwargs: dict[str, Any],
+    structured: StructuredOutputsParams | None,
+) -> ChatCompletionRequest:
+    """The vLLM request its parsers read (tools, tool_choice), validated by vLLM."""
+    try:
+        return ChatCompletionRequest.model_validate(
+            {
+                "messages": messages,
+                "tools": tool_dicts,
+                "tool_choice": tool_choice,
+                "chat_template_kwargs": template_kwargs,
+                "structured_outputs": structured,
+                "stream": True,
+            }
+        )
+    except VLLMValidationError as exc:
+        top = (exc.parameter or "").split(".")[0]
+        raise from_validation_error(
+            exc, top if top in ("tools", "tool_choice") else "structured_output"
+        ) from None
+    except ValueError as exc:  # pydantic's ValidationError
+        raise invalid("messages", str(exc)) from None
+
+
 # ------------------------------------------------------------------ sampling
+
+
+def structured_field(so: pb.StructuredOutput) -> str | None:
+    """The API field of the request's output constraint, if any."""
+    kind = so.WhichOneof("kind")
+    return None if kind is None else f"structured_output.{kind}"
 
 
 def structured_outputs(
@@ -351,8 +398,10 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> list[int
     return list(ids)
 
 
-def generate_prompt(req: pb.GenerateRequest, vocab_size: int) -> dict[str, Any]:
-    """A vLLM TextPrompt or TokensPrompt dict, with decoded images as multi_modal_data."""
+def generate_prompt(
+    req: pb.GenerateRequest, vocab_size: int, images: Sequence[PILImage] = ()
+) -> dict[str, Any]:
+    """A vLLM TextPrompt or TokensPrompt dict, with the decoded ``images`` as multi_modal_data."""
     kind = req.WhichOneof("prompt")
     prompt: dict[str, Any]
     if kind == "text":
@@ -364,7 +413,6 @@ def generate_prompt(req: pb.GenerateRequest, vocab_size: int) -> dict[str, Any]:
         prompt = {"prompt_token_ids": ids}
     else:
         raise invalid("prompt", "set text or token_ids")
-    if req.images:
-        images = [decode_image(img, f"images[{i}]") for i, img in enumerate(req.images)]
-        prompt["multi_modal_data"] = {"image": images}
+    if images:
+        prompt["multi_modal_data"] = {"image": list(images)}
     return prompt

@@ -21,6 +21,7 @@ from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, now_ms
 from qwen_serve.queue.codec import Job, WorkerStatus
 from qwen_serve.settings import WorkerSettings
 from worker.probe import write_status
+from worker.recovery import Reclaimer, orphaned_by_router
 from worker.replies import ReplyWriter
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class Worker:
         self.writer = ReplyWriter(queue, settings.worker_id, settings.coalesce_ms / 1000)
         self.status = WorkerStatus(worker_id=settings.worker_id, capacity=capacity)
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.jobs: dict[str, Job] = {}
+        self.aborted: set[str] = set()
+        self.reclaimer = Reclaimer(queue, settings.max_deliveries)
         self.draining = asyncio.Event()
         self.engine_dead = False
         self._slot_free = asyncio.Event()
@@ -114,10 +118,13 @@ class Worker:
             return
         task = asyncio.get_running_loop().create_task(self._handle(entry_id, job))
         self.running[job.request_id] = task
+        self.jobs[job.request_id] = job
         task.add_done_callback(functools.partial(self._done, job.request_id))
 
     def _done(self, request_id: str, _task: asyncio.Task[None]) -> None:
         self.running.pop(request_id, None)
+        self.jobs.pop(request_id, None)
+        self.aborted.discard(request_id)
         self._slot_free.set()
 
     async def _handle(self, entry_id: bytes, job: Job) -> None:
@@ -146,6 +153,9 @@ class Worker:
             timeout = (job.deadline_unix_ms - now_ms()) / 1000 if job.deadline_unix_ms else None
             async with asyncio.timeout(timeout):
                 first = await anext(events)
+                if rid in self.aborted:  # the abort came while the request was being rendered
+                    await self.engine.abort(rid)
+                await self.queue.mark_started(rid)
                 request = job_request(job)
                 started = pb.Started(
                     request_id=rid,
@@ -177,6 +187,7 @@ class Worker:
                 async for request_id in self.queue.aborts():
                     if request_id in self.running:
                         logger.info("aborting %s", request_id)
+                        self.aborted.add(request_id)
                         await self.engine.abort(request_id)
             except QueueUnavailable as exc:
                 logger.warning("abort channel lost: %s", exc)
@@ -186,6 +197,32 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             await self._heartbeat()
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """Handle other processes' failures and a Redis outage (see worker/recovery.py)."""
+        if self.writer.failing_for() > self.settings.heartbeat_ttl_s:
+            await self._abort_all("replies cannot be delivered (Redis unreachable)")
+            self.writer.discard()
+            return
+        for rid in await orphaned_by_router(self.queue, self.jobs):
+            logger.info("router of %s is gone; aborting it", rid)
+            await self.engine.abort(rid)
+        if self.draining.is_set() or self.engine_dead:
+            return
+        try:
+            adopted = await self.reclaimer.sweep(self.capacity - len(self.running))
+        except QueueUnavailable as exc:
+            logger.warning("cannot sweep orphaned jobs: %s", exc)
+            return
+        for entry_id, job in adopted:
+            self._start(entry_id, job)
+
+    async def _abort_all(self, why: str) -> None:
+        if self.running:
+            logger.warning("aborting %d running jobs: %s", len(self.running), why)
+        for rid in list(self.running):
+            await self.engine.abort(rid)
 
     async def _heartbeat(self) -> None:
         engine_ok = await self._engine_healthy()
@@ -223,8 +260,7 @@ class Worker:
             _, late = await asyncio.wait(
                 list(self.running.values()), timeout=self.settings.drain_grace_s
             )
-            for rid in list(self.running):
-                await self.engine.abort(rid)
+            await self._abort_all("drain grace is over")
             if late:
                 await asyncio.wait(late, timeout=5)
         with contextlib.suppress(TimeoutError):

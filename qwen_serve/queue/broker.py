@@ -23,6 +23,7 @@ from qwen_serve.settings import QueueSettings
 logger = logging.getLogger(__name__)
 
 ABORT_MARKER_TTL_S = 600
+STARTED_MARKER_TTL_S = 3600
 REPLY_STREAM_MAXLEN = 100_000
 REPLY_STREAM_TTL_S = 3600
 
@@ -174,16 +175,94 @@ class WorkerQueue(_Base):
                     raise
 
     async def claim(self, count: int, block_ms: int) -> list[tuple[bytes, Job | None]]:
-        """Claim up to ``count`` new jobs; None for an entry that does not decode."""
+        """Claim up to ``count`` new jobs; None for an entry that does not decode.
+
+        Recreates the consumer group if Redis lost it (a restart without persistence).
+        """
         with _redis_errors():
-            found: Any = await self.redis.xreadgroup(
-                WORKER_GROUP, self.worker_id, {self.keys.jobs: ">"}, count=count, block=block_ms
-            )
+            try:
+                found: Any = await self._read_group(count, block_ms)
+            except redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                logger.warning("consumer group missing (Redis restarted?); recreating it")
+                await self.ensure_group()
+                found = await self._read_group(count, block_ms)
         return [
             (entry_id, _decode_or_none(Job, fields))
             for _stream, entries in found or []
             for entry_id, fields in entries
         ]
+
+    async def _read_group(self, count: int, block_ms: int) -> Any:
+        return await self.redis.xreadgroup(
+            WORKER_GROUP, self.worker_id, {self.keys.jobs: ">"}, count=count, block=block_ms
+        )
+
+    async def orphaned(self, live: set[str], count: int) -> list[tuple[str, bytes, int]]:
+        """Pending jobs of consumers that are not in ``live``: (consumer, entry id, deliveries)."""
+        with _redis_errors():
+            try:
+                consumers: Any = await self.redis.xinfo_consumers(self.keys.jobs, WORKER_GROUP)
+            except redis_errors.ResponseError:  # no stream or group yet
+                return []
+            out: list[tuple[str, bytes, int]] = []
+            for consumer in consumers:
+                name = _text(consumer["name"])
+                if name in live or name == self.worker_id:
+                    continue
+                if not consumer["pending"]:
+                    await self.redis.xgroup_delconsumer(self.keys.jobs, WORKER_GROUP, name)
+                    continue
+                pending: Any = await self.redis.xpending_range(
+                    self.keys.jobs, WORKER_GROUP, "-", "+", count, consumername=name
+                )
+                out += [(name, p["message_id"], int(p["times_delivered"])) for p in pending]
+                if len(out) >= count:
+                    break
+        return out[:count]
+
+    async def take_over(self, entry_ids: Sequence[bytes]) -> list[tuple[bytes, Job | None]]:
+        """Claim the given pending entries for this worker (counts as a delivery)."""
+        if not entry_ids:
+            return []
+        with _redis_errors():
+            found: Any = await self.redis.xclaim(
+                self.keys.jobs, WORKER_GROUP, self.worker_id, 0, list(entry_ids)
+            )
+        return [(entry_id, _decode_or_none(Job, fields)) for entry_id, fields in found if fields]
+
+    async def dead_letter(self, entry_id: bytes, job: Job | None, reason: str) -> None:
+        """Move a job to the dead-letter stream and remove it from the job stream."""
+        fields: dict[bytes, bytes] = {b"reason": reason.encode()}
+        if job is not None:
+            fields.update(encode(job))
+        with _redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.keys.dead_letters, fields, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
+                pipe.xack(self.keys.jobs, WORKER_GROUP, entry_id)
+                pipe.xdel(self.keys.jobs, entry_id)
+                await pipe.execute()
+
+    async def mark_started(self, request_id: str) -> None:
+        """Record that this worker started streaming ``request_id``."""
+        with _redis_errors():
+            await self.redis.set(
+                self.keys.started(request_id), self.worker_id.encode(), ex=STARTED_MARKER_TTL_S
+            )
+
+    async def is_started(self, request_id: str) -> bool:
+        """Whether some worker started streaming ``request_id``."""
+        with _redis_errors():
+            return bool(await self.redis.exists(self.keys.started(request_id)))
+
+    async def live_routers(self) -> set[str]:
+        """Ids of routers whose heartbeat is fresh."""
+        with _redis_errors():
+            ids: list[Any] = await self.redis.zrangebyscore(
+                self.keys.routers, now_ms() - self.ttl_ms, "+inf"
+            )
+        return {_text(i) for i in ids}
 
     async def send(self, replies: Sequence[tuple[str, Reply]]) -> None:
         """Append replies to their routers' reply streams in one round trip."""
@@ -244,6 +323,10 @@ class WorkerQueue(_Base):
         with _redis_errors():
             await self.redis.zrem(self.keys.workers, self.worker_id)
             await self.redis.delete(self.keys.worker_status(self.worker_id))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _decode_or_none(kind: type[M], fields: dict[bytes, bytes]) -> M | None:

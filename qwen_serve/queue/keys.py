@@ -19,6 +19,11 @@ class Keys:
         return f"{self.prefix}:jobs"
 
     @property
+    def dead_letters(self) -> str:
+        """Stream of jobs delivered too many times (kept for inspection)."""
+        return f"{self.prefix}:jobs:dead"
+
+    @property
     def aborts(self) -> str:
         """Pub/sub channel on which routers announce aborted request ids."""
         return f"{self.prefix}:aborts"
@@ -40,6 +45,10 @@ class Keys:
     def abort_marker(self, request_id: str) -> str:
         """Set while a request is aborted, so a late claim sees it."""
         return f"{self.prefix}:abort:{request_id}"
+
+    def started(self, request_id: str) -> str:
+        """Set once a worker has started streaming a request (value: worker id)."""
+        return f"{self.prefix}:started:{request_id}"
 
     def worker_status(self, worker_id: str) -> str:
         """Heartbeat value of one worker (a WorkerStatus message)."""
