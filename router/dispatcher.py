@@ -101,13 +101,14 @@ class Dispatcher:
         self._channels: dict[str, _Channel] = {}
         self._per_tenant: dict[str, int] = {}
         self._pending: asyncio.Queue[tuple[Job, asyncio.Future[None]]] = asyncio.Queue()
+        self._aborts: asyncio.Queue[str] = asyncio.Queue()
         self._submitted_since_refresh = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Take a first look at the cluster and start the background tasks."""
         await self._refresh()
-        for loop in (self._submit_loop, self._read_loop, self._monitor_loop):
+        for loop in (self._submit_loop, self._read_loop, self._monitor_loop, self._abort_loop):
             self._spawn(loop())
 
     async def stop(self) -> None:
@@ -175,7 +176,7 @@ class Dispatcher:
             self._channels.pop(job.request_id, None)
             self._release_tenant(job.tenant)
             if not finished:
-                self._spawn(self._abort_quietly(job.request_id))
+                self._aborts.put_nowait(job.request_id)
 
     def _release_tenant(self, tenant: str) -> None:
         left = self._per_tenant.get(tenant, 0) - 1
@@ -186,7 +187,7 @@ class Dispatcher:
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request wherever it runs; True if this router streams it."""
-        await self.queue.announce_abort(request_id)
+        await self.queue.announce_aborts([request_id])
         return request_id in self._channels
 
     async def _submit(self, job: Job) -> None:
@@ -291,11 +292,16 @@ class Dispatcher:
         for listener in self.listeners:
             await listener(self.view)
 
-    async def _abort_quietly(self, request_id: str) -> None:
-        try:
-            await self.queue.announce_abort(request_id)
-        except QueueUnavailable as exc:
-            logger.warning("could not announce abort of %s: %s", request_id, exc)
+    async def _abort_loop(self) -> None:
+        """Announce the aborts of abandoned streams, many per round trip."""
+        while True:
+            batch = [await self._aborts.get()]
+            while len(batch) < self.settings.submit_batch_max and not self._aborts.empty():
+                batch.append(self._aborts.get_nowait())
+            try:
+                await self.queue.announce_aborts(batch)
+            except QueueUnavailable as exc:
+                logger.warning("could not announce %d aborts: %s", len(batch), exc)
 
     async def _trim_quietly(self, upto: bytes) -> None:
         with contextlib.suppress(QueueUnavailable):

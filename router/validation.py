@@ -8,6 +8,7 @@ a ``ModelInfo``; the prompt's token length is checked by the worker.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 
@@ -53,7 +54,7 @@ def check_against_model(
     model: str, sampling: pb.SamplingParams, images: int, info: pb.ModelInfo
 ) -> None:
     """Checks against the served model's name and limits."""
-    if model and model != info.served_model_name:
+    if model and model not in (info.served_model_name, info.model_path):
         raise RequestError(
             NOT_FOUND, "model", f"{model!r} is not served here; use {info.served_model_name!r}"
         )
@@ -158,7 +159,20 @@ def _check_structured(structured: pb.StructuredOutput) -> None:
         raise invalid("structured_output.choice.values", "at least one choice is required")
 
 
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
 def _check_sampling(s: pb.SamplingParams) -> None:
+    for name in FLOAT_FIELDS:
+        if s.HasField(name) and not math.isfinite(getattr(s, name)):
+            raise invalid(f"sampling.{name}", "must be a finite number")
     _range(s, "max_tokens", 1, None)
     _range(s, "temperature", 0.0, None)
     _range(s, "min_p", 0.0, 1.0)

@@ -15,6 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from qwen_serve.queue.codec import CodecError, Job, M, Reply, WorkerStatus, decode, encode
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 ABORT_MARKER_TTL_S = 600
 STARTED_MARKER_TTL_S = 3600
+MAX_CONNECTIONS = 32  # per process: bursts queue for a connection instead of opening more
+POOL_WAIT_S = 5.0
 REPLY_STREAM_MAXLEN = 100_000
 REPLY_STREAM_TTL_S = 3600
 
@@ -47,14 +51,34 @@ def now_ms() -> int:
 
 
 def connect(settings: QueueSettings, block_ms: int = 0) -> aioredis.Redis:
-    """A Redis client whose calls fail fast when the server is gone."""
-    return aioredis.Redis.from_url(
+    """A Redis client whose calls fail fast when the server is gone.
+
+    ACL user and password ride in the URL (``rediss://user:password@host``);
+    the ``redis_tls_*`` files need a ``rediss://`` URL (certificate and host
+    name are always verified).
+    """
+    tls = {
+        name: value
+        for name, value in (
+            ("ssl_ca_certs", settings.redis_tls_ca_file),
+            ("ssl_certfile", settings.redis_tls_cert_file),
+            ("ssl_keyfile", settings.redis_tls_key_file),
+        )
+        if value
+    }
+    if tls and not settings.redis_url.startswith("rediss://"):
+        raise ValueError("QS_REDIS_TLS_* files are set but the Redis URL is not rediss://")
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
         socket_connect_timeout=2.0,
         socket_timeout=2.0 + block_ms / 1000,
         health_check_interval=10,
-        retry_on_timeout=False,
+        **tls,
     )
+    # One quick retry, no backoff: callers answer UNAVAILABLE fast instead of hanging.
+    return aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
 
 
 class _Base:
@@ -123,12 +147,13 @@ class RouterQueue(_Base):
         with _redis_errors():
             await self.redis.xtrim(self.reply_stream, minid=upto_id, approximate=True)
 
-    async def announce_abort(self, request_id: str) -> None:
-        """Tell every worker to abort ``request_id`` (also if claimed later)."""
+    async def announce_aborts(self, request_ids: Sequence[str]) -> None:
+        """Tell every worker to abort these requests (also if claimed later)."""
         with _redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.keys.abort_marker(request_id), b"1", ex=ABORT_MARKER_TTL_S)
-                pipe.publish(self.keys.aborts, request_id)
+                for request_id in request_ids:
+                    pipe.set(self.keys.abort_marker(request_id), b"1", ex=ABORT_MARKER_TTL_S)
+                    pipe.publish(self.keys.aborts, request_id)
                 await pipe.execute()
 
     async def queue_depth(self) -> int:
