@@ -25,11 +25,13 @@ from vllm.tokenizers import get_tokenizer
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INTERNAL, RequestError
 from worker.events import (
+    TOOL_CALL_END,
     ChoiceStream,
     RequestStream,
     ToolCallState,
     complete_tool_calls,
     finish_reason,
+    request_stream,
     token_logprobs,
 )
 
@@ -88,7 +90,8 @@ class Env:
         )
         parser = self.parser_cls(self.tokenizer, request.tools, chat_template_kwargs=kwargs)
         request = parser.adjust_request(request)
-        return ChoiceStream(index, parser, request)
+        end_id = self.tokenizer.convert_tokens_to_ids(TOOL_CALL_END)
+        return ChoiceStream(index, parser, request, call_end_id=end_id)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +246,21 @@ def test_tool_call_inside_reasoning_is_kept(env: Env) -> None:
         assert result.finished.reason == pb.FINISH_REASON_TOOL_CALLS
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_several_calls_starting_inside_reasoning(env: Env, seed: int) -> None:
+    text = "two at once " + CALL_PARIS + "\n" + CALL_ROME
+    result = run(env, env.choice(), outputs(env, text, shuffled(seed)), True)
+    assert result.reasoning == "two at once "
+    assert calls(result.finished) == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Rome", "days": 2}),
+    ]
+    assert [(f.index, f.name) for f in result.fragments if f.id] == [
+        (0, "get_weather"),
+        (1, "get_weather"),
+    ]
+
+
 def test_thinking_disabled_is_all_content(env: Env) -> None:
     result = run(env, env.choice(thinking=False), outputs(env, "Answer: 42", every(2)), False)
     assert (result.reasoning, result.content) == ("", "Answer: 42")
@@ -270,6 +288,34 @@ def test_truncated_tool_call_is_streamed_but_not_finished(env: Env) -> None:
     assert result.fragments[0].name == "get_weather"
     assert result.arguments(0).startswith('{"city": "Par')
     assert result.finished.reason == pb.FINISH_REASON_LENGTH
+    assert not result.finished.tool_calls
+
+
+def test_call_cut_by_max_tokens_is_not_reported_complete(env: Env) -> None:
+    """vLLM's parser closes a call left open at the end (arguments "{}"); it never reached
+    ``</tool_call>``, so Finished leaves it out."""
+    text = "hmm\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=ci"
+    for size in CHUNKS:
+        result = run(env, env.choice(), outputs(env, text, every(size), "length"), True)
+        assert [(f.index, f.name) for f in result.fragments if f.name] == [(0, "get_weather")]
+        assert result.finished.reason == pb.FINISH_REASON_LENGTH
+        assert not result.finished.tool_calls
+
+
+def test_closed_calls_survive_a_cut_and_the_open_one_is_dropped(env: Env) -> None:
+    text = "hmm\n</think>\n\n" + CALL_PARIS + "\n" + CALL_ROME[: CALL_ROME.index("Rome")]
+    result = run(env, env.choice(), outputs(env, text, shuffled(3), "length"), True)
+    assert [f.name for f in result.fragments if f.name] == ["get_weather", "get_weather"]
+    assert calls(result.finished) == [("get_weather", {"city": "Paris"})]
+    assert result.finished.reason == pb.FINISH_REASON_LENGTH
+
+
+def test_stop_string_inside_a_call_cuts_it(env: Env) -> None:
+    outs = outputs(env, "hmm\n</think>\n\n" + CALL_PARIS[:60], every(3))
+    outs[-1].stop_reason = "Paris"
+    result = run(env, env.choice(), outs, True)
+    assert result.finished.matched_stop == "Paris"
+    assert result.finished.reason == pb.FINISH_REASON_STOP
     assert not result.finished.tool_calls
 
 
@@ -410,3 +456,14 @@ def test_request_stream_close_aborts_open_choices() -> None:
     finished, usage = stream.close()
     assert finished.finished.reason == pb.FINISH_REASON_ABORT
     assert usage.usage.completion_tokens == 1
+
+
+def test_request_stream_builder() -> None:
+    sampling = pb.SamplingParams(logprobs=True, stop_token_ids=[5])
+    stream = request_stream([None, None], None, sampling, 9)
+    assert [c.index for c in stream.choices] == [0, 1]
+    assert {(c.top_logprobs, c.stop_token_ids, c.call_end_id) for c in stream.choices} == {
+        (0, frozenset({5}), 9)
+    }
+    plain = request_stream([None], None, pb.SamplingParams(top_logprobs=3), None)
+    assert plain.choices[0].top_logprobs is None  # top_logprobs needs logprobs

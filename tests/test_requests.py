@@ -77,46 +77,35 @@ def test_chat_messages_roles_text_and_history() -> None:
     ]
 
 
-def test_images_become_data_urls_of_the_original_bytes() -> None:
+def test_image_parts_become_the_decoded_images_in_order() -> None:
     data = png()
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     req = pb.ChatRequest(
         messages=[
+            text(pb.ROLE_SYSTEM, "look"),
             pb.Message(
                 role=pb.ROLE_USER,
                 content=[
                     pb.ContentPart(text="two"),
-                    pb.ContentPart(image=pb.Image(data=data)),  # MIME type sniffed
+                    pb.ContentPart(image=pb.Image(data=data)),
                     pb.ContentPart(image=pb.Image(url=url)),
                 ],
-            )
+            ),
         ]
     )
-    messages = requests.chat_messages(req)
-    parts = messages[0]["content"]
-    assert parts[1] == {"type": "image_url", "image_url": {"url": url}}
-    assert parts[2] == {"type": "image_url", "image_url": {"url": url}}
-    assert requests.count_images(messages) == 2
-
-
-@pytest.mark.parametrize(
-    ("image", "field"),
-    [
-        (pb.Image(url="https://example.com/cat.png"), "messages[0].content[0].image.url"),
-        (pb.Image(url="http://example.com/cat.png"), "messages[0].content[0].image.url"),
-        (pb.Image(url="data:image/png;base64,!!!"), "messages[0].content[0].image.url"),
-        (pb.Image(data=b"\x89PNG\r\n\x1a\ntruncated"), "messages[0].content[0].image"),
-        (pb.Image(data=b"plain text", mime_type="text/plain"), "messages[0].content[0].image"),
-        (pb.Image(), "messages[0].content[0].image"),
-    ],
-)
-def test_bad_images_name_the_field(image: pb.Image, field: str) -> None:
-    req = pb.ChatRequest(
-        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(image=image)])]
-    )
-    with pytest.raises(RequestError) as excinfo:
-        requests.chat_messages(req)
-    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+    refs = requests.image_refs(req)
+    assert [field for field, _ in refs] == [
+        "messages[1].content[1].image",
+        "messages[1].content[2].image",
+    ]
+    first, second = PILImage.new("RGB", (2, 2)), PILImage.new("RGB", (3, 3))
+    images = {refs[0][0]: first, refs[1][0]: second}
+    parts = requests.chat_messages(req, images)[1]["content"]
+    assert parts[0] == {"type": "text", "text": "two"}
+    assert parts[1] == {"type": "image_pil", "image_pil": first}
+    assert parts[2] == {"type": "image_pil", "image_pil": second}
+    with fails("messages[1].content[1].image"):
+        requests.chat_messages(req)  # images must be loaded first (worker.images)
 
 
 @pytest.mark.parametrize(
@@ -236,6 +225,35 @@ def test_chat_template_kwargs() -> None:
             requests.chat_template_kwargs(pb.ChatRequest(chat_template_kwargs_json=bad))
 
 
+def test_vllm_chat_request_carries_what_the_parsers_read() -> None:
+    tool_dicts = requests.tools(pb.ChatRequest(tools=[weather()]))
+    vreq = requests.vllm_chat_request(
+        [{"role": "user", "content": "hi"}],
+        tool_dicts,
+        "required",
+        {"enable_thinking": False},
+        StructuredOutputsParams(regex="a+"),
+    )
+    assert vreq.tool_choice == "required"
+    assert [t.function.name for t in vreq.tools or ()] == ["get_weather"]
+    assert vreq.chat_template_kwargs == {"enable_thinking": False}
+    assert vreq.structured_outputs == StructuredOutputsParams(regex="a+")
+    assert vreq.stream
+
+
+def test_vllm_chat_request_errors_name_the_field() -> None:
+    user_hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(RequestError) as excinfo:
+        requests.vllm_chat_request(user_hi, None, "required", {}, None)
+    assert raised(excinfo) == (INVALID_ARGUMENT, "tool_choice")
+    other = {"type": "function", "function": {"name": "other"}}
+    with pytest.raises(RequestError) as excinfo:
+        requests.vllm_chat_request(
+            user_hi, requests.tools(pb.ChatRequest(tools=[weather()])), other, {}, None
+        )
+    assert raised(excinfo) == (INVALID_ARGUMENT, "tool_choice")
+
+
 # ------------------------------------------------------------------ structured output
 
 
@@ -252,6 +270,14 @@ def test_structured_outputs() -> None:
     )
     assert requests.structured_outputs(so(json_object=True)) == (
         StructuredOutputsParams(json_object=True)
+    )
+
+
+def test_structured_field() -> None:
+    assert requests.structured_field(pb.StructuredOutput()) is None
+    assert requests.structured_field(pb.StructuredOutput(regex="a")) == "structured_output.regex"
+    assert requests.structured_field(pb.StructuredOutput(choice=pb.Choices(values=["a"]))) == (
+        "structured_output.choice"
     )
 
 
@@ -405,14 +431,9 @@ def test_generate_prompt() -> None:
     assert requests.generate_prompt(pb.GenerateRequest(text="hi"), 10) == {"prompt": "hi"}
     ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 9]))
     assert requests.generate_prompt(ids, 10) == {"prompt_token_ids": [1, 9]}
-    with_image = requests.generate_prompt(
-        pb.GenerateRequest(
-            text="<img>", images=[pb.Image(data=png((5, 4)), mime_type="image/png")]
-        ),
-        10,
-    )
-    (image,) = with_image["multi_modal_data"]["image"]
-    assert (image.mode, image.size) == ("RGB", (5, 4))
+    image = PILImage.new("RGB", (5, 4))
+    with_image = requests.generate_prompt(pb.GenerateRequest(text="<img>"), 10, [image])
+    assert with_image == {"prompt": "<img>", "multi_modal_data": {"image": [image]}}
 
 
 @pytest.mark.parametrize(
@@ -422,10 +443,6 @@ def test_generate_prompt() -> None:
         (pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids.ids"),
         (pb.GenerateRequest(), "prompt"),
         (pb.GenerateRequest(text=""), "text"),
-        (
-            pb.GenerateRequest(text="x", images=[pb.Image(url="https://x/y.png")]),
-            "images[0].url",
-        ),
     ],
 )
 def test_bad_generate_prompts(req: pb.GenerateRequest, field: str) -> None:

@@ -10,7 +10,7 @@ import sys
 
 from qwen_serve.queue.broker import worker_queue
 from qwen_serve.settings import WorkerSettings
-from qwen_serve.telemetry import setup_logging
+from worker import observability
 
 logger = logging.getLogger("worker")
 
@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--image-fetch-timeout-s", type=float, help="remote image time limit")
     parser.add_argument("--drain-grace-s", type=float, help="seconds to finish jobs on stop")
     parser.add_argument("--coalesce-ms", type=float, help="delta coalescing window")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: none)")
+    parser.add_argument("--redis-tls-ca-file", help="CA of Redis's certificate (rediss://)")
+    parser.add_argument("--redis-tls-cert-file", help="client certificate for Redis")
+    parser.add_argument("--redis-tls-key-file", help="key of --redis-tls-cert-file")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)
 
@@ -57,6 +61,7 @@ async def serve(settings: WorkerSettings) -> int:
     engine = await Engine.start(settings)
     queue = worker_queue(settings, settings.worker_id, settings.claim_block_ms)
     worker = Worker(settings, engine, queue, capacity=engine.capacity)
+    observability.watch(worker)
     worker.status.config_fix = config_fix.fix_status()
     logger.info("model card config fix: %s", worker.status.config_fix)
     loop = asyncio.get_running_loop()
@@ -77,7 +82,7 @@ async def serve(settings: WorkerSettings) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     settings = parse_args(argv)
-    setup_logging()
+    observability.setup(settings)
     logger.info("starting worker %s (profile %s)", settings.worker_id, settings.profile)
     sys.exit(asyncio.run(serve(settings)))
 

@@ -34,7 +34,7 @@ from vllm.v1.engine.exceptions import EngineGenerateError
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INTERNAL, RESOURCE_EXHAUSTED, EngineDeadError, RequestError, invalid
 from qwen_serve.queue.v1 import queue_pb2
-from worker import continuation, requests
+from worker import continuation, observability, requests
 from worker.events import TOOL_CALL_END, RequestStream, request_stream
 from worker.images import ImagePolicy, load_images
 from worker.profiles import CPU_TINY, EngineProfile, Overrides, ResolvedProfile, resolve
@@ -106,7 +106,8 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.monotonic()
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**_engine_args(resolved)))
+        engine_args = AsyncEngineArgs(**_engine_args(resolved))
+        llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=observability.stat_loggers())
         logger.info("engine %s started in %.1f s", resolved.name, time.monotonic() - started)
         parser_cls = ParserManager.get_parser(
             tool_parser_name=resolved.tool_parser or None,
@@ -175,7 +176,7 @@ class Engine:
             prepared.prompt,
             prepared.params,
             request_id,
-            trace_headers=dict(job.trace_context) or None,
+            trace_headers=observability.engine_trace_headers(job),
             priority=prepared.priority,
             **prepared.generate_kwargs,
         )
@@ -369,7 +370,7 @@ def _resolve(
 
 def _engine_args(resolved: ResolvedProfile) -> dict[str, Any]:
     """The profile's AsyncEngineArgs keywords, with config dicts vLLM wants as objects."""
-    args = dict(resolved.engine_args)
+    args = {**resolved.engine_args, **observability.engine_args()}
     structured = args.get("structured_outputs_config")
     if isinstance(structured, dict):
         from vllm.config import StructuredOutputsConfig

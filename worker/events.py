@@ -226,17 +226,24 @@ class ChoiceStream:
             events.append(pb.ChatEvent(delta=delta))
         if done:
             self.finished = True
-            calls = self.complete_calls()
-            reason = finish_reason(output.finish_reason, bool(calls))
             stop = output.stop_reason
             if isinstance(stop, int) and stop not in self.stop_token_ids:
                 stop = None  # an end-of-sequence id from the generation config
+            # Only a natural end of sequence finishes an open call; anything else cuts it.
+            calls = self.complete_calls(cut=output.finish_reason != "stop" or stop is not None)
+            reason = finish_reason(output.finish_reason, bool(calls))
             events.append(finished_event(self.index, reason, stop, calls))
         return events
 
-    def complete_calls(self) -> list[pb.ToolCall]:
-        """The choice's tool calls that were closed and carry complete JSON arguments."""
-        closed = None if self.call_end_id is None else self.token_ids.count(self.call_end_id)
+    def complete_calls(self, cut: bool) -> list[pb.ToolCall]:
+        """The choice's tool calls with complete JSON arguments.
+
+        ``cut``: generation was stopped from outside (max_tokens, a stop, an abort), so a
+        call the model did not close with ``call_end_id`` is left out.
+        """
+        closed = None
+        if cut and self.call_end_id is not None:
+            closed = self.token_ids.count(self.call_end_id)
         return complete_tool_calls(self.calls, closed)
 
     def reasoning_tokens(self) -> int:
@@ -305,7 +312,7 @@ class RequestStream:
     prompt_token_ids: list[int] | None = None
     closed: bool = False
     continued_tokens: int = 0
-    """Tokens delivered by an earlier attempt and appended to the prompt (worker/continuation.py)."""
+    """Tokens an earlier attempt delivered, appended to the prompt (worker/continuation.py)."""
 
     def feed(self, output: RequestOutputLike) -> list[pb.ChatEvent]:
         """Events for one ``RequestOutput`` (DELTA kind)."""
@@ -325,7 +332,7 @@ class RequestStream:
             return []
         self.closed = True
         events = [
-            finished_event(c.index, pb.FINISH_REASON_ABORT, None, c.complete_calls())
+            finished_event(c.index, pb.FINISH_REASON_ABORT, None, c.complete_calls(cut=True))
             for c in self.choices
             if not c.finished
         ]

@@ -36,7 +36,7 @@ FORMATS: Final[Mapping[str, str]] = {
     "image/gif": "GIF",
 }
 """Accepted MIME types -> the PIL format allowed to decode them."""
-MIME_ALIASES: Final[Mapping[str, str]] = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
+MIME_ALIASES: Final[Mapping[str, str]] = {"image/jpg": "image/jpeg"}
 IMAGE_MIME_TYPES: Final = frozenset(FORMATS)
 DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS: Final = 7680 * 4320

@@ -20,6 +20,7 @@ from qwen_serve.errors import DEADLINE_EXCEEDED, EngineDeadError, RequestError
 from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, now_ms
 from qwen_serve.queue.codec import Job, WorkerStatus
 from qwen_serve.settings import WorkerSettings
+from worker import observability
 from worker.probe import write_status
 from worker.recovery import Reclaimer, orphaned_by_router
 from worker.replies import ReplyWriter
@@ -50,7 +51,8 @@ class EngineLike(Protocol):
 
 
 def error_event(exc: RequestError) -> pb.ChatEvent:
-    """The terminal Error event for ``exc``."""
+    """The terminal Error event for ``exc`` (recorded on the current job's span)."""
+    observability.failed(exc)
     return pb.ChatEvent(error=pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable))
 
 
@@ -107,6 +109,7 @@ class Worker:
                 claimed = await self.queue.claim(free, self.settings.claim_block_ms)
             except QueueUnavailable as exc:
                 logger.warning("cannot claim jobs: %s", exc)
+                await self.queue.reset()
                 await asyncio.sleep(0.5)
                 continue
             for entry_id, job in claimed:
@@ -116,7 +119,8 @@ class Worker:
         if job is None:
             self._spawn(self._finish(entry_id))
             return
-        task = asyncio.get_running_loop().create_task(self._handle(entry_id, job))
+        work = observability.process(job, entry_id, self._handle(entry_id, job))
+        task = asyncio.get_running_loop().create_task(work)
         self.running[job.request_id] = task
         self.jobs[job.request_id] = job
         task.add_done_callback(functools.partial(self._done, job.request_id))
@@ -148,7 +152,7 @@ class Worker:
 
     async def _stream(self, job: Job) -> None:
         rid, stream = job.request_id, job.reply_stream
-        events = self.engine.run(rid, job)
+        events = observability.generation(job, self.engine.run(rid, job))
         try:
             timeout = (job.deadline_unix_ms - now_ms()) / 1000 if job.deadline_unix_ms else None
             async with asyncio.timeout(timeout):
@@ -215,6 +219,7 @@ class Worker:
         except QueueUnavailable as exc:
             logger.warning("cannot sweep orphaned jobs: %s", exc)
             return
+        observability.reclaimed(len(adopted))
         for entry_id, job in adopted:
             self._start(entry_id, job)
 
