@@ -21,7 +21,7 @@ from qwen_serve.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
 from qwen_serve.queue.broker import QueueUnavailable, RouterQueue
 from qwen_serve.queue.codec import Job, Reply, WorkerStatus
 from qwen_serve.settings import RouterSettings
-from router import jobs
+from router import jobs, observability
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ class Dispatcher:
 
     async def _submit(self, job: Job) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        observability.produced(job, done)
         self._pending.put_nowait((job, done))
         self._submitted_since_refresh += 1
         try:
@@ -223,6 +224,7 @@ class Dispatcher:
             except QueueUnavailable as exc:
                 logger.warning("reply stream unreadable: %s", exc)
                 self._fail_all("lost the connection to the queue")
+                await self.queue.reset()
                 await asyncio.sleep(0.5)
                 continue
             for entry_id, reply in entries:

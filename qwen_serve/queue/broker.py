@@ -107,6 +107,10 @@ class _Base:
             )
         return [decode(WorkerStatus, v) for v in values if v is not None]
 
+    async def reset(self) -> None:
+        """Drop every pooled connection (after a failure: they may be stale)."""
+        await self.redis.connection_pool.disconnect()
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self.redis.aclose()
