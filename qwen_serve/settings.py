@@ -8,7 +8,7 @@ Nothing here is read at import time.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,6 +33,28 @@ class QueueSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Heartbeat period.")
     heartbeat_ttl_s: float = Field(
         default=5.0, gt=0, description="A heartbeat older than this means the process is gone."
+    )
+    redis_tls_ca_file: str | None = Field(
+        default=None, description="CA bundle that signs Redis's certificate (rediss:// only)."
+    )
+    redis_tls_cert_file: str | None = Field(
+        default=None, description="Client certificate for Redis (when it sets tls-auth-clients)."
+    )
+    redis_tls_key_file: str | None = Field(default=None, description="Key of redis_tls_cert_file.")
+    # Observability (shared too; tracing itself reads the standard OTEL_* variables).
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint; unset: none.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines: human-readable text, or JSON with request/trace ids.",
+    )
+    trace_content: bool = Field(
+        default=False,
+        description="Record prompt and output text on spans (off: only counts and attributes).",
     )
 
 
@@ -59,6 +81,24 @@ class RouterSettings(QueueSettings):
     max_message_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request message accepted."
     )
+    tls_cert_file: str | None = Field(default=None, description="Server certificate (PEM).")
+    tls_key_file: str | None = Field(default=None, description="Key of tls_cert_file (PEM).")
+    tls_client_ca_file: str | None = Field(
+        default=None, description="CA of client certificates; set, every client needs one (mTLS)."
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="Lines 'tenant:key' or 'tenant:sha256:<hex>'; set, every Inference call "
+        "needs 'authorization: Bearer <key>'. Unset, auth is off (dev default).",
+    )
+    auth_health: bool = Field(
+        default=False, description="Require an API key for health and reflection too."
+    )
+    health_listen: str | None = Field(
+        default=None,
+        description="Extra plaintext address serving only grpc.health.v1, e.g. [::]:8081 "
+        "(kubelet gRPC probes speak no TLS).",
+    )
 
 
 class WorkerSettings(QueueSettings):
@@ -76,10 +116,10 @@ class WorkerSettings(QueueSettings):
         default=None, ge=0, description="MTP speculative tokens; 0 turns it off."
     )
     kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU KV cache size (GiB).")
-    structured_output_in_reasoning: bool = Field(
-        default=False,
-        description="Constrain reasoning too (vLLM enable_in_reasoning). Off in production: "
-        "constraints apply after </think>. Tests use it to spell reasoning with a regex.",
+    structured_output_in_reasoning: bool | None = Field(
+        default=None,
+        description="Constrain reasoning too (vLLM enable_in_reasoning); unset: the profile's "
+        "(off: constraints apply after </think>). Tests use it to spell reasoning with a regex.",
     )
     max_image_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1, description="Largest encoded image accepted (bytes)."

@@ -1,6 +1,7 @@
 """Builds and runs the router's gRPC server.
 
-Inference, grpc.health.v1 and server reflection on one port. SIGTERM and
+Inference, grpc.health.v1 and server reflection on one port, in plaintext or
+TLS/mutual TLS with API keys (``router/security.py``). SIGTERM and
 SIGINT drain: readiness goes NOT_SERVING, new calls are refused, open
 streams get ``drain_grace_s`` to finish.
 """
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from qwen_serve.api.v1 import serve_pb2, serve_pb2_grpc
 from qwen_serve.queue.broker import router_queue
 from qwen_serve.settings import RouterSettings
+from router import observability, security
 from router.dispatcher import Dispatcher
 from router.health import Health
 from router.servicer import InferenceServicer
@@ -40,15 +42,22 @@ class Router:
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
+        self.auth = security.Authenticator.from_settings(settings)
+        self.credentials = security.server_credentials(settings)
         self.dispatcher = Dispatcher(router_queue(settings, settings.router_id), settings)
+        observability.watch(self.dispatcher)
         self.health = Health()
-        self.server = grpc.aio.server(options=server_options(settings))
+        self.server = grpc.aio.server(
+            options=server_options(settings),
+            interceptors=observability.interceptors() + security.interceptors(settings, self.auth),
+        )
         self.port = 0
+        self.health_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         """Bind the port and start serving."""
         serve_pb2_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.dispatcher), self.server
+            InferenceServicer(self.dispatcher, self.auth), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         names = (
@@ -57,11 +66,16 @@ class Router:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        else:
+            self.port = self.server.add_secure_port(self.settings.listen, self.credentials)
+        security.log_posture(self.settings, self.auth)
         await self.health.start()
         self.dispatcher.listeners.append(self.health.on_view)
         await self.dispatcher.start()
         await self.server.start()
+        self.health_server = await security.start_health_server(self.settings, self.health.servicer)
         logger.info(
             "router %s listening on %s (port %d)",
             self.settings.router_id,
@@ -75,6 +89,8 @@ class Router:
         await self.dispatcher.set_draining()
         await self.health.stop()
         await self.server.stop(self.settings.drain_grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.dispatcher.stop()
         await self.dispatcher.queue.close()
         logger.info("router stopped")

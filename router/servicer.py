@@ -1,8 +1,8 @@
 """The gRPC edge: qwen_serve.api.v1.Inference on top of the Dispatcher.
 
-Each RPC validates, admits, builds a Job and relays events. A failure before
-the worker's Started event becomes a gRPC status; after it, the worker's
-Error event is the stream's last event.
+Each RPC authenticates (API key → tenant), validates, admits, builds a Job
+and relays events. A failure before the worker's Started event becomes a
+gRPC status; after it, the worker's Error event is the stream's last event.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import grpc
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.errors import UNAVAILABLE, RequestError
-from router import errors, jobs, validation
+from router import errors, jobs, observability, validation
 from router.dispatcher import Dispatcher
+from router.security import Authenticator
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ Context: TypeAlias = grpc.aio.ServicerContext
 class InferenceServicer(serve_pb2_grpc.InferenceServicer):
     """Chat, Generate, Abort and GetModelInfo."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, auth: Authenticator | None = None) -> None:
         self.dispatcher = dispatcher
+        self.auth = auth or Authenticator(())
 
     async def Chat(self, request: pb.ChatRequest, context: Context) -> AsyncIterator[pb.ChatEvent]:
         """Stream a chat reply."""
@@ -46,6 +48,7 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
     async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.AbortResponse:
         """Abort a request by id; idempotent."""
         try:
+            self.auth.tenant(context.invocation_metadata())
             validation.check_request_id(request.request_id)
             found = await self.dispatcher.abort(request.request_id)
         except RequestError as exc:
@@ -57,6 +60,7 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         """Describe the served model."""
         try:
+            self.auth.tenant(context.invocation_metadata())
             info = self._model()
             validation.check_against_model(request.model, pb.SamplingParams(), 0, info)
         except RequestError as exc:
@@ -72,19 +76,19 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
         except RequestError as exc:
             await errors.abort(context, exc)
             return
-        yield first
-        async for event in events:
+        async for event in observability.relay(first, events):
             yield event
 
     async def _accept(
         self, request: pb.ChatRequest | pb.GenerateRequest, images: int, context: Context
     ) -> AsyncGenerator[pb.ChatEvent, None]:
-        """Validate, admit, queue; raise RequestError if it fails before Started."""
+        """Authenticate, validate, admit, queue; raise RequestError if it fails before Started."""
+        tenant = self.auth.tenant(context.invocation_metadata())
         if isinstance(request, pb.ChatRequest):
             validation.check_chat(request)
         else:
             validation.check_generate(request)
-        self.dispatcher.admit()
+        self.dispatcher.admit(tenant)
         validation.check_against_model(request.model, request.sampling, images, self._model())
         job = jobs.make_job(
             request,
@@ -92,6 +96,7 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
             reply_stream=self.dispatcher.queue.reply_stream,
             deadline_unix_ms=jobs.deadline_ms(context.time_remaining()),
             trace=jobs.trace_context(context.invocation_metadata() or ()),
+            tenant=tenant,
         )
         stream = self.dispatcher.stream(job)
         first = await anext(stream)

@@ -11,8 +11,8 @@ One claimed job makes this span tree (all in the trace the router started)::
             └── llm_request      (vLLM's own span: we pass this span's context as trace_headers)
 
 :func:`process` wraps a job's task, :func:`generation` its engine stream,
-:func:`failed` records its error. :class:`EngineStats`, a vLLM stat logger, feeds
-the engine gauges. No vLLM import here.
+:func:`failed` records its error. :func:`stat_loggers` hands vLLM the stat logger
+that feeds the engine gauges (``qwen_serve.metrics.EngineStats``). No vLLM import here.
 
 vLLM's request spans need ``otlp_traces_endpoint`` (:func:`engine_args`). vLLM's
 ``init_tracer`` then tries to install its own tracer provider; the OpenTelemetry API
@@ -89,7 +89,7 @@ def engine_args() -> dict[str, Any]:
 
 def stat_loggers() -> list[Any]:
     """vLLM stat logger factories (``AsyncLLM.from_engine_args(stat_loggers=...)``)."""
-    return [EngineStats]
+    return [metrics.EngineStats]
 
 
 def watch(worker: Worker) -> None:
@@ -105,39 +105,9 @@ def reclaimed(count: int) -> None:
     metrics.worker_metrics().reclaimed.inc(count)
 
 
-def dead_lettered() -> None:
-    """Count a job moved to the dead letters."""
-    metrics.worker_metrics().dead_lettered.inc()
-
-
-class EngineStats:
-    """A vLLM stat logger (``StatLoggerBase``'s interface; its stats are no stable API)."""
-
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-        self.engine = str(engine_index)
-        self.metrics = metrics.worker_metrics()
-
-    def record(
-        self,
-        scheduler_stats: Any,
-        iteration_stats: Any,
-        mm_cache_stats: Any = None,
-        engine_idx: int = 0,
-    ) -> None:
-        """Set the gauges from one step's stats."""
-        m, engine = self.metrics, str(engine_idx)
-        if scheduler_stats is not None:
-            m.kv_cache_usage.labels(engine).set(scheduler_stats.kv_cache_usage)
-            m.engine_running.labels(engine).set(scheduler_stats.num_running_reqs)
-            m.engine_waiting.labels(engine).set(scheduler_stats.num_waiting_reqs)
-        if iteration_stats is not None and iteration_stats.num_preempted_reqs:
-            m.preemptions.labels(engine).inc(iteration_stats.num_preempted_reqs)
-
-    def log(self) -> None:
-        """Nothing to print: the gauges are scraped."""
-
-    def log_engine_initialized(self) -> None:
-        """Nothing to print."""
+def dead_lettered(count: int = 1) -> None:
+    """Count jobs moved to the dead letters."""
+    metrics.worker_metrics().dead_lettered.inc(count)
 
 
 # ------------------------------------------------------------------ one job
@@ -155,14 +125,9 @@ class _Job:
 
     def end(self) -> None:
         """Close the consumer span and count the job."""
-        m = metrics.worker_metrics()
-        gen = self.generation
-        if self.outcome:
-            outcome = self.outcome
-        elif gen is None or "abort" in gen.finish_reasons:
-            outcome = "aborted"
-        else:
-            outcome = "ok"
+        gen, m = self.generation, metrics.worker_metrics()
+        finished = gen is not None and "abort" not in gen.finish_reasons
+        outcome = self.outcome or ("ok" if finished else "aborted")
         self.span.set_attribute("qwen_serve.outcome", outcome)
         self.span.end()
         m.jobs.labels(outcome).inc()

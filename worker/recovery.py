@@ -17,6 +17,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import ABORTED
 from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue
 from qwen_serve.queue.codec import Job, Reply
+from worker import observability
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Reclaimer:
         if deliveries > self.max_deliveries:
             logger.warning("job %s delivered %d times; dead-lettering it", rid, deliveries)
             await self.queue.dead_letter(entry_id, job, f"delivered {deliveries} times")
+            observability.dead_lettered()
             error = pb.Error(
                 code=ABORTED,
                 message=f"the job failed on {deliveries - 1} workers and was dead-lettered",
