@@ -128,16 +128,31 @@ def start_worker(
 
 
 def start_router(
-    redis_url: str, port: int, log_dir: Path, *flags: str, name: str = "router"
+    redis_url: str,
+    port: int,
+    log_dir: Path,
+    *flags: str,
+    name: str = "router",
+    env: dict[str, str] | None = None,
 ) -> Proc:
-    """A router process listening on 127.0.0.1:``port``."""
+    """A router process listening on 127.0.0.1:``port`` (``env`` adds QS_* variables)."""
     args = python_module("router", "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}")
-    return spawn(name, [*args, *flags], log_dir)
+    return spawn(name, [*args, *flags], log_dir, env)
 
 
-def health_status(target: str, service: str = "") -> int:
-    """grpc.health.v1 status of ``service`` at ``target``; UNKNOWN when unreachable."""
-    with grpc.insecure_channel(target) as channel:
+def health_status(
+    target: str, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> int:
+    """grpc.health.v1 status of ``service`` at ``target`` (TLS with ``credentials``).
+
+    UNKNOWN when unreachable.
+    """
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
@@ -146,12 +161,22 @@ def health_status(target: str, service: str = "") -> int:
         return int(reply.status)
 
 
-def wait_serving(target: str, procs: list[Proc], timeout: float = WORKER_START_TIMEOUT_S) -> None:
-    """Wait until the router at ``target`` is ready; fail early if a process dies."""
+def wait_serving(
+    target: str,
+    procs: list[Proc],
+    timeout: float = WORKER_START_TIMEOUT_S,
+    *,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Wait until ``service`` at ``target`` is SERVING; fail early if a process dies.
+
+    ``service="liveness"`` waits for the process only (no worker needed).
+    """
     deadline = time.monotonic() + timeout
     last_note = 0.0
     while time.monotonic() < deadline:
-        if health_status(target) == health_pb2.HealthCheckResponse.SERVING:
+        if health_status(target, service, credentials) == health_pb2.HealthCheckResponse.SERVING:
             return
         for proc in procs:
             if not proc.alive:
