@@ -70,7 +70,10 @@ def messages(draw: st.DrawFn) -> pb.Message:
 @st.composite
 def sampling(draw: st.DrawFn) -> pb.SamplingParams:
     params = pb.SamplingParams(max_tokens=draw(st.integers(0, 4)))
-    floats = st.floats(min_value=-5, max_value=5, allow_nan=True, width=32)
+    floats = st.one_of(
+        st.floats(min_value=-5, max_value=5, width=32),
+        st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    )
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
         if draw(st.booleans()):
             setattr(params, name, draw(floats))
