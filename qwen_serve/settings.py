@@ -7,6 +7,7 @@ Nothing here is read at import time.
 
 from __future__ import annotations
 
+import argparse
 import secrets
 from typing import Annotated, Literal
 
@@ -17,6 +18,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 def new_id(prefix: str) -> str:
     """An unguessable id such as ``router-3kq...``."""
     return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def add_queue_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for the QueueSettings fields, shared by the router and worker command lines."""
+    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
+    parser.add_argument("--key-prefix", help="prefix of every Redis key")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: none)")
+    parser.add_argument("--redis-tls-ca-file", help="CA of Redis's certificate (rediss://)")
+    parser.add_argument("--redis-tls-cert-file", help="client certificate for Redis")
+    parser.add_argument("--redis-tls-key-file", help="key of --redis-tls-cert-file")
 
 
 class QueueSettings(BaseSettings):

@@ -6,16 +6,15 @@ import argparse
 import asyncio
 import logging
 
-from qwen_serve.settings import RouterSettings
+from qwen_serve.settings import RouterSettings, add_queue_flags
 from router import observability
 
 
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
     """Settings from flags over environment (QS_*, REDIS_URL)."""
     parser = argparse.ArgumentParser(prog="qwen-serve-router", description=__doc__)
+    add_queue_flags(parser)
     parser.add_argument("--listen", help="gRPC address, e.g. [::]:50051")
-    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
-    parser.add_argument("--key-prefix", help="prefix of every Redis key")
     parser.add_argument("--max-inflight", type=int, help="streams at once before refusing")
     parser.add_argument(
         "--max-inflight-per-tenant", type=int, help="streams of one tenant before refusing"
@@ -23,7 +22,6 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     parser.add_argument("--max-queue-depth", type=int, help="queued jobs before refusing")
     parser.add_argument("--drain-grace-s", type=float, help="seconds to finish streams on stop")
     parser.add_argument("--max-message-bytes", type=int, help="largest request accepted")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: none)")
     parser.add_argument("--tls-cert-file", help="server certificate (PEM); enables TLS")
     parser.add_argument("--tls-key-file", help="key of --tls-cert-file (PEM)")
     parser.add_argument("--tls-client-ca-file", help="CA of client certificates (mutual TLS)")
@@ -32,15 +30,8 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         "--auth-health", action="store_const", const=True, help="API key for health/reflection too"
     )
     parser.add_argument("--health-listen", help="plaintext health-only address (probes)")
-    _redis_tls_flags(parser)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return RouterSettings(**args)
-
-
-def _redis_tls_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-tls-ca-file", help="CA of Redis's certificate (rediss://)")
-    parser.add_argument("--redis-tls-cert-file", help="client certificate for Redis")
-    parser.add_argument("--redis-tls-key-file", help="key of --redis-tls-cert-file")
 
 
 def main(argv: list[str] | None = None) -> None:

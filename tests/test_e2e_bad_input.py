@@ -109,35 +109,32 @@ async def test_bad_token_id_in_generate(stub: serve_pb2_grpc.InferenceStub) -> N
     assert "token_ids" in (error.details() or "")
 
 
-async def test_unreachable_redis_answers_unavailable(stack: Stack) -> None:
+async def _status_from_lone_router(
+    stack: Stack, redis_url: str, *flags: str
+) -> grpc.aio.AioRpcError:
+    """A chat's status from an extra router started with ``flags``."""
     port = devstack.free_port()
-    dead_redis = f"redis://127.0.0.1:{devstack.free_port()}/0"
-    proc = devstack.start_router(dead_redis, port, stack.log_dir, name="router-no-redis")
+    proc = devstack.start_router(redis_url, port, stack.log_dir, *flags, name=f"router-{port}")
     try:
         target = f"127.0.0.1:{port}"
         await _wait_listening(target)
         async with grpc.aio.insecure_channel(target) as channel:
-            error = await status_of(serve_pb2_grpc.InferenceStub(channel), chat(), timeout=10)
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "Redis" in (error.details() or "")
+            return await status_of(serve_pb2_grpc.InferenceStub(channel), chat(), timeout=10)
     finally:
         proc.stop()
+
+
+async def test_unreachable_redis_answers_unavailable(stack: Stack) -> None:
+    dead_redis = f"redis://127.0.0.1:{devstack.free_port()}/0"
+    error = await _status_from_lone_router(stack, dead_redis)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Redis" in (error.details() or "")
 
 
 async def test_no_worker_answers_unavailable(stack: Stack) -> None:
-    port = devstack.free_port()
-    proc = devstack.start_router(
-        stack.redis_url, port, stack.log_dir, "--key-prefix", "no-workers", name="router-alone"
-    )
-    try:
-        target = f"127.0.0.1:{port}"
-        await _wait_listening(target)
-        async with grpc.aio.insecure_channel(target) as channel:
-            error = await status_of(serve_pb2_grpc.InferenceStub(channel), chat(), timeout=10)
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "worker" in (error.details() or "")
-    finally:
-        proc.stop()
+    error = await _status_from_lone_router(stack, stack.redis_url, "--key-prefix", "no-workers")
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "worker" in (error.details() or "")
 
 
 async def _wait_listening(target: str) -> None:

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from qwen_serve.queue.broker import worker_queue
-from qwen_serve.settings import WorkerSettings
+from qwen_serve.settings import WorkerSettings, add_queue_flags
 from worker import observability
 
 logger = logging.getLogger("worker")
@@ -18,11 +18,10 @@ logger = logging.getLogger("worker")
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     """Settings from flags over environment (QS_*, REDIS_URL)."""
     parser = argparse.ArgumentParser(prog="qwen-serve-worker", description=__doc__)
+    add_queue_flags(parser)
     parser.add_argument("--profile", help="engine profile: cpu-tiny (default) or rocm-tp4")
     parser.add_argument("--model", help="model path or id (default: the profile's)")
     parser.add_argument("--served-model-name", help="name clients send in the model field")
-    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
-    parser.add_argument("--key-prefix", help="prefix of every Redis key")
     parser.add_argument("--capacity", type=int, help="requests run at once (max_num_seqs)")
     parser.add_argument("--max-model-len", type=int, help="context length")
     parser.add_argument("--mtp-tokens", type=int, help="MTP speculative tokens (0: off)")
@@ -44,10 +43,6 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--image-fetch-timeout-s", type=float, help="remote image time limit")
     parser.add_argument("--drain-grace-s", type=float, help="seconds to finish jobs on stop")
     parser.add_argument("--coalesce-ms", type=float, help="delta coalescing window")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: none)")
-    parser.add_argument("--redis-tls-ca-file", help="CA of Redis's certificate (rediss://)")
-    parser.add_argument("--redis-tls-cert-file", help="client certificate for Redis")
-    parser.add_argument("--redis-tls-key-file", help="key of --redis-tls-cert-file")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)
 
