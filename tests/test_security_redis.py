@@ -1,0 +1,207 @@
+"""The queue on Redis with an ACL user and TLS (``rediss://``, client certificates).
+
+A redis-server of this module's own (TLS only, default user off, one user
+limited to the ``qs-acl`` prefix) carries every queue operation; a router
+process reaches it with settings from QS_* variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from redis import exceptions as redis_errors
+
+from qwen_serve import devstack
+from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve.queue.broker import (
+    QueueUnavailable,
+    RouterQueue,
+    WorkerQueue,
+    connect,
+    router_queue,
+    worker_queue,
+)
+from qwen_serve.queue.codec import Reply, WorkerStatus
+from qwen_serve.settings import QueueSettings
+from router import jobs, security
+from tests.helpers import chat
+from tests.security_support import Pki, make_pki, status
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The test's certificates."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+ACL_PREFIX = "qs-acl"
+ACL_PASSWORD = security.new_key()
+
+
+@pytest.fixture(scope="module")
+def secure_redis(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """redis-server on TLS only, client certificates required, one ACL user; yields the port.
+
+    The default user is off; the user ``qwen-serve`` may touch only ``qs-acl:*``
+    keys and channels and no admin or dangerous command (the rule docs/security.md
+    recommends).
+    """
+    log_dir = tmp_path_factory.mktemp("secure-redis")
+    port = devstack.free_port()
+    conf = log_dir / "redis.conf"  # a file, so the password is not on a command line
+    conf.write_text(
+        f'port 0\ntls-port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {log_dir}\n'
+        f"tls-cert-file {pki.path('server.crt')}\ntls-key-file {pki.path('server.key')}\n"
+        f"tls-ca-cert-file {pki.path('ca.crt')}\ntls-auth-clients yes\n"
+        "user default off\n"
+        f"user qwen-serve on >{ACL_PASSWORD} ~{ACL_PREFIX}:* &{ACL_PREFIX}:* "
+        "+@all -@admin -@dangerous\n"
+    )
+    conf.chmod(0o600)
+    proc = devstack.spawn("redis-tls", ["redis-server", str(conf)], log_dir)
+    try:
+        end = time.monotonic() + 10
+        while proc.alive and time.monotonic() < end:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        assert proc.alive, proc.tail()
+        yield port
+    finally:
+        proc.stop()
+
+
+def _redis_settings(
+    pki: Pki, port: int, password: str = ACL_PASSWORD, scheme: str = "rediss", **tls: str | None
+) -> QueueSettings:
+    """Settings of the ACL user over TLS with the client certificate (overridable)."""
+    files = {
+        "redis_tls_ca_file": pki.path("ca.crt"),
+        "redis_tls_cert_file": pki.path("client.crt"),
+        "redis_tls_key_file": pki.path("client.key"),
+    }
+    return QueueSettings(
+        redis_url=f"{scheme}://qwen-serve:{password}@127.0.0.1:{port}/0",
+        key_prefix=ACL_PREFIX,
+        **{**files, **tls},
+    )
+
+
+async def test_queue_runs_over_redis_acl_and_tls(pki: Pki, secure_redis: int) -> None:
+    """Every queue operation works as the prefix-limited ACL user over TLS; nothing else does."""
+    settings = _redis_settings(pki, secure_redis)
+    routers = router_queue(settings, "router-acl")
+    workers = worker_queue(settings, "worker-acl", block_ms=100)
+    try:
+        await workers.ensure_group()
+        await workers.heartbeat(WorkerStatus(worker_id="worker-acl"))
+        await routers.heartbeat()
+        assert [w.worker_id for w in await routers.live_workers()] == ["worker-acl"]
+        job = jobs.make_job(
+            chat(), router_id="router-acl", reply_stream=routers.reply_stream,
+            deadline_unix_ms=0, trace={}, tenant="alpha",
+        )  # fmt: skip
+        await routers.submit([job])
+        assert await routers.queue_depth() == 1
+        (entry_id, claimed), *_ = await workers.claim(10, 100)
+        assert claimed is not None and claimed.request_id == job.request_id
+        assert claimed.tenant == "alpha"
+        reply = Reply(request_id=job.request_id, worker_id="worker-acl")
+        await workers.send([(routers.reply_stream, reply)])
+        replies = await routers.read_replies(b"0-0", 100)
+        assert [r.request_id for _, r in replies if r] == [job.request_id]
+        await workers.mark_started(job.request_id)
+        assert await workers.is_started(job.request_id)
+        assert await workers.live_routers() == {"router-acl"}
+        await workers.finish(entry_id)
+        assert await _abort_seen(routers, workers, job.request_id)
+        for command in (("GET", "qs:jobs"), ("FLUSHALL",), ("CONFIG", "GET", "*")):
+            with pytest.raises(redis_errors.NoPermissionError):
+                await routers.redis.execute_command(*command)
+    finally:
+        await workers.leave()
+        await routers.close()
+        await workers.close()
+
+
+async def _abort_seen(routers: RouterQueue, workers: WorkerQueue, request_id: str) -> bool:
+    """Announce an abort until the worker's subscription hears it (pub/sub + marker)."""
+    aborts = workers.aborts()
+    heard = asyncio.ensure_future(anext(aborts))
+    try:
+        while not heard.done():
+            await routers.announce_aborts([request_id])
+            await asyncio.wait({heard}, timeout=0.2)
+    finally:
+        await aborts.aclose()
+    return heard.result() == request_id and await workers.is_aborted(request_id)
+
+
+async def test_redis_refuses_wrong_password_plaintext_and_no_client_cert(
+    pki: Pki, secure_redis: int
+) -> None:
+    """Wrong password, plaintext, an untrusted server or no client certificate: no queue."""
+    port = secure_redis
+    refused = {
+        "wrong password": _redis_settings(pki, port, password=security.new_key()),
+        "plaintext": _redis_settings(
+            pki, port, scheme="redis", redis_tls_ca_file=None,
+            redis_tls_cert_file=None, redis_tls_key_file=None,
+        ),
+        "untrusted server": _redis_settings(pki, port, redis_tls_ca_file=pki.path("rogue-ca.crt")),
+        "no client cert": _redis_settings(
+            pki, port, redis_tls_cert_file=None, redis_tls_key_file=None
+        ),
+    }  # fmt: skip
+    for why, settings in refused.items():
+        queue = router_queue(settings, "router-refused")
+        try:
+            await queue.ping()
+        except QueueUnavailable:
+            continue
+        finally:
+            await queue.close()
+        pytest.fail(f"{why}: Redis answered")
+    with pytest.raises(ValueError, match="rediss"):
+        connect(_redis_settings(pki, port, scheme="redis"))
+
+
+async def test_router_process_on_acl_tls_redis(pki: Pki, secure_redis: int, tmp_path: Path) -> None:
+    """A router given rediss:// with the ACL user and TLS files via QS_* reaches Redis."""
+    port = devstack.free_port()
+    settings = _redis_settings(pki, secure_redis)
+    env = {
+        "QS_REDIS_TLS_CA_FILE": pki.path("ca.crt"),
+        "QS_REDIS_TLS_CERT_FILE": pki.path("client.crt"),
+        "QS_REDIS_TLS_KEY_FILE": pki.path("client.key"),
+    }
+    proc = devstack.start_router(
+        settings.redis_url,
+        port,
+        tmp_path,
+        "--key-prefix",
+        f"{ACL_PREFIX}:router-test",
+        name="router-acl",
+        env=env,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        devstack.wait_serving(target, [proc], 60, service="liveness")
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = serve_pb2_grpc.InferenceStub(channel)
+            exc = await status(stub, chat(max_tokens=2), ())
+        # Redis answered (otherwise: "queue (Redis) is unreachable"); no worker runs there.
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no worker" in (exc.details() or "")
+    finally:
+        proc.stop()
+    assert ACL_PASSWORD not in proc.log_path.read_text()
