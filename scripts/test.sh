@@ -12,6 +12,6 @@ echo "[test] ruff" >&2
 $py -m ruff check .
 $py -m ruff format --check .
 echo "[test] mypy" >&2
-$py -m mypy qwen_serve router worker qwen_serve_client
+$py -m mypy qwen_serve router worker qwen_serve_client bench loadtest
 echo "[test] pytest" >&2
 exec $py -m pytest -p no:cacheprovider "$@"

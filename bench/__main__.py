@@ -1,0 +1,64 @@
+"""``python -m bench {engine,capacity,profile,experiments,render,all} [--quick]``: write docs.
+
+Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
+command then re-renders ``docs/benchmarks.md`` and the plots from whatever
+results exist, so benchmarks can be re-run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import before_after, capacity, engine_path, profile, render
+
+logger = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+DATA = DOCS / "benchmarks-data"
+
+
+def save(name: str, result: dict[str, Any]) -> None:
+    """Store one benchmark's results."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    (DATA / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    meta = render.load(DATA, "meta")
+    meta["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    meta.setdefault("load_avg", {})[name] = os.getloadavg()[0]
+    (DATA / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = ("engine", "capacity", "profile", "experiments", "render", "all")
+    parser.add_argument("command", choices=commands)
+    parser.add_argument("--quick", action="store_true", help="small smoke run (a few minutes)")
+    parser.add_argument("--smg-python", help="interpreter with smg-grpc-servicer for (b)")
+    parser.add_argument(
+        "--streams", type=int, default=1000, help="profile/experiments: concurrent streams"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command in ("engine", "all"):
+        save("engine_path", engine_path.run(args.quick, args.smg_python))
+    if args.command in ("capacity", "all"):
+        save("capacity", capacity.run(args.quick))
+    if args.command in ("profile", "all"):
+        seconds = 5.0 if args.quick else 10.0
+        save("profile", profile.run(args.streams, seconds, DATA))
+    if args.command in ("experiments", "all"):
+        save("experiments", before_after.run(args.quick, args.streams))
+        save("ttft_experiment", before_after.ttft_run(args.quick))
+    out = render.render(DATA, DOCS)
+    logger.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()

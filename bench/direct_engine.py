@@ -1,0 +1,115 @@
+"""(d), the floor: the same prompts through ``AsyncLLM.generate`` in-process, no server.
+
+``python -m bench.direct_engine`` starts ``AsyncLLM`` with the cpu-tiny engine
+arguments (``bench.stack.engine_profile``), prints ``BENCH ready`` and then serves
+commands on stdin, one JSON object a line:
+``{"prompts": [[ids...], ...], "max_tokens": 64, "concurrency": 8, "total": 32}``.
+For each it writes one line to stdout, ``BENCH `` and the ``python -m loadtest -O json`` report
+of that run (time to first token from the ``generate`` call to the first output
+with tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from loadtest import report
+from loadtest.options import Options
+from loadtest.runner import CallResult, RunResult
+
+logger = logging.getLogger(__name__)
+
+MARK = "BENCH "
+"""Prefix of protocol lines on stdout (vLLM logs to stdout too)."""
+
+
+async def _call(llm: Any, prompt: list[int], params: Any, request_id: str) -> CallResult:
+    from vllm.inputs import TokensPrompt
+
+    result = CallResult(start_unix_ns=time.time_ns())
+    start = time.monotonic_ns()
+    try:
+        async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id):
+            now = time.monotonic_ns()
+            result.messages += 1
+            tokens = sum(len(o.token_ids) for o in output.outputs)
+            if not tokens:
+                continue
+            if result.ttft_ns is None:
+                result.ttft_ns, result.first_token_ns = now - start, now
+            else:
+                result.gaps_ns.extend([(now - result.last_token_ns) // tokens] * tokens)
+            result.last_token_ns = now
+            result.tokens += tokens
+    except Exception as exc:  # the report counts it; the process stays up
+        result.status, result.error = "Internal", f"{type(exc).__name__}: {exc}"
+    result.latency_ns = time.monotonic_ns() - start
+    return result
+
+
+async def run_command(llm: Any, command: dict[str, Any], run_id: int) -> dict[str, Any]:
+    """Run one command's load and return its report."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        max_tokens=command["max_tokens"],
+        temperature=0.0,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.DELTA,
+    )
+    prompts: list[list[int]] = command["prompts"]
+    total, concurrency = command["total"], command["concurrency"]
+    issued = itertools.count()
+    results: list[CallResult] = []
+
+    async def worker() -> None:
+        while (i := next(issued)) < total:
+            rid = f"direct-{run_id}-{i}"
+            results.append(await _call(llm, prompts[i % len(prompts)], params, rid))
+
+    started = time.monotonic_ns()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
+    run = RunResult(results, time.monotonic_ns() - started)
+    options = Options(host="in-process", call="AsyncLLM.generate", total=total)
+    return report.build(options, run)
+
+
+async def serve() -> None:
+    """Start the engine, then answer commands from stdin until it closes."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from bench.stack import engine_profile
+
+    resolved = engine_profile()
+    os.environ.update(resolved.env)
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**resolved.engine_args))
+    loop = asyncio.get_running_loop()
+    print(MARK + "ready", flush=True)
+    try:
+        for run_id in itertools.count():
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line.strip():
+                break
+            document = await run_command(llm, json.loads(line), run_id)
+            print(MARK + json.dumps(document), flush=True)
+    finally:
+        llm.shutdown()
+
+
+def main() -> None:
+    """Entry point (the engine spawns processes: keep the main guard)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Writes docs/benchmarks.md (tables, targets) and the PNG plots from the saved results.
+
+Results live as JSON in ``docs/benchmarks-data/``; the hand-written analysis
+(``bench/findings.md``: hot-path findings and proposed changes) is included as is.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import before_after, plots, targets
+
+FINDINGS = Path(__file__).with_name("findings.md")
+SYSTEMS = {"a": "(a) ours", "b": "(b) vLLM gRPC", "c": "(c) vLLM OpenAI", "d": "(d) AsyncLLM"}
+
+
+def load(data_dir: Path, name: str) -> dict[str, Any]:
+    """A saved result, or {} when that benchmark has not run."""
+    path = data_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _cpu(per_process: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in per_process.items())
+
+
+def engine_section(engine: dict[str, Any]) -> list[str]:
+    """Benchmark 1's tables."""
+    if not engine:
+        return ["Not run yet: `python -m bench engine`."]
+    wl = engine["workload"]
+    lines = [
+        f"Workload: distinct {wl['prompt_tokens']}-token prompts (token ids), "
+        f"{wl['max_tokens']} output tokens each (greedy, `ignore_eos`); requests per level "
+        + ", ".join(f"{n} at concurrency {c}" for c, n in sorted(wl["requests"].items()))
+        + (" (**--quick**)" if wl.get("quick") else "")
+        + ".",
+        "",
+        "Engine arguments (all four systems): `" + json.dumps(engine["engine_args"]) + "`, "
+        f"environment `{json.dumps(engine['engine_env'])}`.",
+        "",
+    ]
+    for key, info in sorted(engine["systems"].items()):
+        state = f" — **not run**: {info['reason']}" if info.get("reason") else ""
+        lines.append(f"- {SYSTEMS.get(key, key)}: {info['label']}{state}")
+    lines.append("")
+    header = (
+        "system",
+        "beside",
+        "conc.",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "output tok/s",
+        "CPU s per 1k tokens",
+        "errors",
+        "load avg",
+    )
+    rows = [
+        (
+            SYSTEMS.get(r["system"], r["system"]),
+            r["phase"],
+            r["concurrency"],
+            f"{r['ttft_p50_ms']:.1f}",
+            f"{r['ttft_p99_ms']:.1f}",
+            f"{r['itl_p50_ms']:.1f}",
+            f"{r['itl_p99_ms']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            _cpu(r["cpu_s_per_1k_tokens"]),
+            r["errors"],
+            f"{r['load_avg_1m']:.1f}",
+        )
+        for r in sorted(engine["rows"], key=lambda r: (r["phase"], r["concurrency"], r["system"]))
+    ]
+    return [*lines, *table(header, rows)]
+
+
+def capacity_section(capacity: dict[str, Any]) -> list[str]:
+    """Benchmark 2's table."""
+    if not capacity:
+        return ["Not run yet: `python -m bench capacity`."]
+    cfg = capacity["config"]
+    lines = [
+        f"Simulated streams of {cfg['tokens']} tokens at {cfg['rate']:.0f} tokens/s each; "
+        f"every client worker streams back to back for {cfg['duration_s']:.0f} s; "
+        f"worker coalescing window {cfg['coalesce_ms']} ms; "
+        f"{cfg['sim_workers']} simulated worker(s)"
+        + (" (**--quick**)" if cfg.get("quick") else "")
+        + ". Delivered tokens/s is over the middle half of each run (no ramp-up or tail). "
+        "Delay is per token, from the simulated engine's emit to the client's receipt "
+        "(same host clock). CPU is cores used on average over the run.",
+        "",
+    ]
+    header = (
+        "path",
+        "streams",
+        "offered tok/s",
+        "delivered tok/s",
+        "delay p50 ms",
+        "delay p99 ms",
+        "TTFT p50 ms",
+        "CPU cores",
+        "peak RSS MB",
+        "errors",
+    )
+    rows = [
+        (
+            r["path"],
+            r["streams"],
+            f"{r['offered_tokens_per_s']:.0f}",
+            f"{r['steady_tokens_per_s']:.0f}",
+            f"{r['delay_p50_ms']:.1f}",
+            f"{r['delay_p99_ms']:.1f}",
+            f"{r['ttft_p50_ms']:.0f}",
+            _cpu(r["cpu_cores"]),
+            ", ".join(f"{n} {v:.0f}" for n, v in r["rss_mb"].items() if n != "client"),
+            r["errors"],
+        )
+        for r in sorted(capacity["rows"], key=lambda r: (r["streams"], r["path"]))
+    ]
+    idle = ", ".join(f"{n} {v:.0f} MB" for n, v in capacity.get("idle_rss_mb", {}).items())
+    return [*lines, *table(header, rows), "", f"Idle RSS after warm-up: {idle}."]
+
+
+def profile_section(profile: dict[str, Any]) -> list[str]:
+    """Top functions of the py-spy profiles."""
+    if not profile:
+        return ["Not run yet: `python -m bench profile`."]
+    lines = [
+        f"py-spy at {profile['streams']:,} streams for {profile['seconds']:.0f} s "
+        f"(router path delivered {profile['steady_tokens_per_s']:.0f} tok/s meanwhile). "
+        "Share of samples; Python frames only (time inside uvloop, gRPC's Cython core "
+        "and hiredis shows as the caller).",
+        "",
+    ]
+    for name in ("router", "sim-worker"):
+        data = profile.get(name, {})
+        rows = [(f"{share:.1%}", f"`{func}`") for func, share in data.get("self", [])[:12]]
+        lines += [f"**{name}** ({data.get('samples', 0)} samples), self time:", ""]
+        lines += [*table(("share", "function"), rows), ""]
+        rows = [(f"{share:.1%}", f"`{func}`") for func, share in data.get("inclusive", [])[:15]]
+        lines += [f"**{name}**, inclusive:", "", *table(("share", "function"), rows), ""]
+    return lines
+
+
+def experiments_section(result: dict[str, Any]) -> list[str]:
+    """The before/after table of the bench-only prototypes."""
+    if not result:
+        return ["Not run yet: `python -m bench experiments`."]
+    lines = [
+        f"Router path at {result['streams']:,} streams, {result['duration_s']:.0f} s per run, "
+        f"mean of {result['rounds']} round(s) in alternating order, each on a fresh stack. "
+        "The variants are monkeypatches in `bench/experiments.py` (the product is unchanged); "
+        "CPU is milliseconds per 1,000 delivered tokens, the steadier figure on a shared "
+        "machine.",
+        "",
+    ]
+    header = (
+        "variant",
+        "delivered tok/s",
+        "delay p50 ms",
+        "delay p99 ms",
+        "router CPU ms/1k tok",
+        "worker CPU ms/1k tok",
+        "Redis CPU ms/1k tok",
+        "errors",
+    )
+    rows = [
+        (
+            r["variant"],
+            f"{r['steady_tokens_per_s']:.0f}",
+            f"{r['delay_p50_ms']:.0f}",
+            f"{r['delay_p99_ms']:.0f}",
+            f"{r['router_cpu_ms_per_1k']:.1f}",
+            f"{r['sim_cpu_ms_per_1k']:.1f}",
+            f"{r['redis_cpu_ms_per_1k']:.1f}",
+            r["errors"],
+        )
+        for r in before_after.averaged(result)
+    ]
+    return [*lines, *table(header, rows)]
+
+
+def ttft_section(result: dict[str, Any]) -> list[str]:
+    """Product worker vs the TTFT-patched worker on the real engine."""
+    if not result:
+        return ["Not run yet: `python -m bench experiments`."]
+    lines = [
+        "Our full path on the real CPU engine, two stacks side by side: the product worker "
+        f"and the worker with the bench patches {', '.join(result['patches'])} "
+        f"(`bench/experiments.py`); {result['max_tokens']} output tokens per request, "
+        "calls alternating between the two.",
+        "",
+    ]
+    by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in result["rows"]:
+        by_key.setdefault((row["system"], row["concurrency"]), []).append(row)
+    header = ("worker", "conc.", "requests", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "tok/s")
+    rows = []
+    for (system, c), group in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+
+        def mean(key: str, group: list[dict[str, Any]] = group) -> float:
+            return float(sum(r[key] for r in group) / len(group))
+
+        rows.append(
+            (
+                system,
+                c,
+                sum(r["requests"] for r in group),
+                f"{mean('ttft_p50_ms'):.1f}",
+                f"{mean('ttft_p99_ms'):.1f}",
+                f"{mean('itl_p50_ms'):.1f}",
+                f"{mean('tokens_per_s'):.0f}",
+            )
+        )
+    return [*lines, *table(header, rows)]
+
+
+def machine_line() -> str:
+    """What the figures were measured on."""
+    mem = psutil.virtual_memory().total / 2**30
+    return (
+        f"{platform.machine()}, {psutil.cpu_count()} cores, {mem:.0f} GiB RAM, "
+        f"Python {platform.python_version()}; the machine is shared (see the load average)."
+    )
+
+
+def render(data_dir: Path, docs: Path) -> Path:
+    """Write docs/benchmarks.md and the plots; returns the document's path."""
+    engine, capacity = load(data_dir, "engine_path"), load(data_dir, "capacity")
+    profile = load(data_dir, "profile")
+    experiments = load(data_dir, "experiments")
+    ttft_experiment = load(data_dir, "ttft_experiment")
+    pictures = plots.write_all(engine, capacity, docs)
+    goal_rows = [
+        (t.name, t.goal, t.measured, t.verdict) for t in targets.all_targets(engine, capacity)
+    ]
+    meta = load(data_dir, "meta")
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench all` (`--quick` for a smoke run); do not edit by hand:",
+        "the analysis lives in `bench/findings.md`. Raw results: `docs/benchmarks-data/`.",
+        "",
+        f"Measured {meta.get('date', '?')} on {machine_line()}",
+        "",
+        "## Targets",
+        "",
+        *table(("target", "goal", "measured", "verdict"), goal_rows),
+        "",
+        "## 1. Engine path: (a) ours vs (b) vLLM gRPC vs (c) vLLM OpenAI vs (d) AsyncLLM",
+        "",
+        *engine_section(engine),
+        "",
+        *[f"![{p}]({p})" for p in pictures if p in ("bench-ttft.png", "bench-throughput.png")],
+        "",
+        "## 2. Router capacity (simulated engine)",
+        "",
+        *capacity_section(capacity),
+        "",
+        *[f"![{p}]({p})" for p in pictures if p in ("bench-capacity.png", "bench-delay.png")],
+        "",
+        "## Profiles",
+        "",
+        *profile_section(profile),
+        "## Before/after: prototypes of the proposed changes",
+        "",
+        *experiments_section(experiments),
+        "",
+        "### Time to first token: worker patches on the real engine",
+        "",
+        *ttft_section(ttft_experiment),
+        "",
+        FINDINGS.read_text() if FINDINGS.exists() else "",
+    ]
+    out = docs / "benchmarks.md"
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return out

@@ -1,0 +1,218 @@
+"""Starting the processes the benchmarks compare, each on a free port.
+
+Every engine gets the same settings: ``worker.profiles.resolve("cpu-tiny",
+Overrides(model=tiny model dir))`` gives the ``AsyncEngineArgs`` keywords and the
+environment (the KV cache size); :func:`engine_flags` spells them as vLLM CLI
+flags for vLLM's own servers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from qwen_serve import devstack
+from qwen_serve.devstack import Proc
+from worker.profiles import Overrides, ResolvedProfile, resolve
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "qs-bench"
+SMG_WARMUP_ENV = "SMG_VLLM_SERVICER_WARMUP"
+
+
+def engine_profile() -> ResolvedProfile:
+    """The one engine configuration used by (a)-(d)."""
+    return resolve("cpu-tiny", Overrides(model=str(devstack.TINY_MODEL_DIR)))
+
+
+def engine_env(resolved: ResolvedProfile) -> dict[str, str]:
+    """Environment for an engine process (KV cache size)."""
+    return dict(resolved.env)
+
+
+def engine_flags(args: Mapping[str, Any]) -> list[str]:
+    """``AsyncEngineArgs`` keywords as vLLM command-line flags."""
+    flags: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        elif isinstance(value, dict | list):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def start_our_stack(
+    log_dir: Path, router_flags: tuple[str, ...] = (), worker_patches: tuple[str, ...] = ()
+) -> dict[str, Proc]:
+    """(a): redis-server, a worker with the cpu-tiny engine and a router.
+
+    ``worker_patches`` run the worker through bench.experiments (a bench-only variant).
+    """
+    redis, url = devstack.start_redis(log_dir)
+    procs = {"redis": redis}
+    if worker_patches:
+        name = "worker-patched"
+        args = devstack.python_module(
+            "bench.experiments", "--target", "worker", "--patch", ",".join(worker_patches)
+        )
+        args += ["--", "--redis-url", url, "--model", str(devstack.TINY_MODEL_DIR)]
+        args += ["--key-prefix", PREFIX]
+        status = {"QS_STATUS_FILE": str(log_dir / f"{name}-{redis.popen.pid}-status.json")}
+        procs["worker"] = devstack.spawn(name, args, log_dir, status)
+    else:
+        procs["worker"] = devstack.start_worker(
+            url, log_dir, "--key-prefix", PREFIX, name=f"worker-{redis.popen.pid}"
+        )
+    port = devstack.free_port()
+    procs["router"] = devstack.start_router(
+        url, port, log_dir, "--key-prefix", PREFIX, *router_flags, name=f"router-{port}"
+    )
+    procs["router"].args.append(f"127.0.0.1:{port}")
+    return procs
+
+
+def target_of(proc: Proc) -> str:
+    """The address a started server listens on (kept as its last argument)."""
+    return proc.args[-1]
+
+
+def start_vllm_openai(log_dir: Path, resolved: ResolvedProfile) -> Proc:
+    """(c): vLLM's OpenAI HTTP server (``python -m vllm.entrypoints.openai.api_server``)."""
+    port = devstack.free_port()
+    args = devstack.python_module(
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *engine_flags(resolved.engine_args),
+    )
+    proc = devstack.spawn("vllm-openai", args, log_dir, engine_env(resolved))
+    proc.args.append(f"http://127.0.0.1:{port}")
+    return proc
+
+
+def start_vllm_grpc(log_dir: Path, resolved: ResolvedProfile, python: str) -> Proc:
+    """(b): vLLM's gRPC server (``vllm.entrypoints.launchers.grpc_server``, smg-grpc-servicer).
+
+    smg's planned warm-up is turned off: its second step, a one-token prefill,
+    kills vLLM 0.32's CPU engine (see docs/benchmarks.md).
+    """
+    port = devstack.free_port()
+    args = [
+        python,
+        "-m",
+        "vllm.entrypoints.launchers.grpc_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *engine_flags(resolved.engine_args),
+    ]
+    env = {**engine_env(resolved), SMG_WARMUP_ENV: "off"}
+    proc = devstack.spawn("vllm-grpc", args, log_dir, env)
+    proc.args.append(f"127.0.0.1:{port}")
+    return proc
+
+
+def start_sim_worker(
+    redis_url: str,
+    log_dir: Path,
+    tokens: int,
+    rate: float,
+    coalesce_ms: float,
+    name: str,
+    batch_replies: bool = False,
+    loop: str = "asyncio",
+) -> Proc:
+    """The SIMULATED engine (bench.sim_worker) on the bench key prefix."""
+    extra = ["--batch-replies", "--loop", loop] if batch_replies else ["--loop", loop]
+    args = devstack.python_module(
+        "bench.sim_worker",
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        PREFIX,
+        "--tokens",
+        str(tokens),
+        "--rate",
+        str(rate),
+        "--coalesce-ms",
+        str(coalesce_ms),
+        *extra,
+    )
+    return devstack.spawn(name, args, log_dir)
+
+
+def start_router(
+    redis_url: str, log_dir: Path, flags: tuple[str, ...], patches: tuple[str, ...] = ()
+) -> tuple[Proc, str]:
+    """A router on the bench prefix; with ``patches``, through bench.experiments."""
+    port = devstack.free_port()
+    router_flags = ["--redis-url", redis_url, "--listen", f"127.0.0.1:{port}"]
+    router_flags += ["--key-prefix", PREFIX, *flags]
+    if patches:
+        args = devstack.python_module(
+            "bench.experiments", "--patch", ",".join(patches), "--", *router_flags
+        )
+    else:
+        args = devstack.python_module("router", *router_flags)
+    return devstack.spawn("router", args, log_dir), f"127.0.0.1:{port}"
+
+
+def start_bare(log_dir: Path, tokens: int, rate: float) -> Proc:
+    """The bare grpc.aio ceiling server (bench.bare_server)."""
+    port = devstack.free_port()
+    args = devstack.python_module(
+        "bench.bare_server", "--port", str(port), "--tokens", str(tokens), "--rate", str(rate)
+    )
+    proc = devstack.spawn("bare-server", args, log_dir)
+    proc.args.append(f"127.0.0.1:{port}")
+    return proc
+
+
+def wait_grpc(target: str, proc: Proc, timeout: float = devstack.WORKER_START_TIMEOUT_S) -> None:
+    """Wait until ``target`` reports SERVING on grpc.health.v1 (or accepts calls)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if devstack.health_status(target) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        time.sleep(0.5)
+    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s:\n{proc.tail()}")
+
+
+def wait_http(base_url: str, proc: Proc, timeout: float = devstack.WORKER_START_TIMEOUT_S) -> None:
+    """Wait until ``base_url/health`` answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        time.sleep(0.5)
+    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s:\n{proc.tail()}")
+
+
+def bench_env() -> dict[str, str]:
+    """Environment for client subprocesses (no proxies for loopback)."""
+    return {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
