@@ -48,26 +48,12 @@ BATCH_FIELD = b"m%d"
 
 
 def patch_merge() -> None:
-    """Merge queued deltas per request in the router's channel."""
-    from router import dispatcher
-    from worker.replies import merge_into
+    """Merge queued deltas per request in the router's channel.
 
-    def deliver(self: Any, reply: Reply) -> None:
-        self.worker_id = reply.worker_id
-        queued = self.events._queue  # asyncio.Queue's deque: events not yet taken
-        for event in reply.events:
-            kind = event.WhichOneof("event")
-            if kind == "started":
-                if self.started:
-                    continue
-                self.started = True
-            elif kind == "delta" and event.delta.index == 0:
-                self.token_ids.extend(event.delta.token_ids)
-            if kind == "delta" and queued and merge_into(queued[-1], event):
-                continue
-            self.events.put_nowait(event)
-
-    dispatcher._Channel.deliver = deliver  # type: ignore[method-assign]
+    Landed in the product (``qwen_serve.deltas.EventQueue``); kept as a no-op so
+    older experiment command lines still run.
+    """
+    logger.info("merge: already part of the router (qwen_serve.deltas.EventQueue)")
 
 
 def patch_gc() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.deltas import EventQueue
 from qwen_serve.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
 from qwen_serve.queue.broker import QueueUnavailable, RouterQueue
 from qwen_serve.queue.codec import Job, Reply, WorkerStatus
@@ -61,7 +62,7 @@ class _Channel:
     """
 
     job: Job
-    events: asyncio.Queue[pb.ChatEvent] = field(default_factory=asyncio.Queue)
+    events: EventQueue = field(default_factory=EventQueue)
     worker_id: str = ""
     started: bool = False
     token_ids: list[int] = field(default_factory=list)
@@ -78,7 +79,7 @@ class _Channel:
                 self.started = True
             elif kind == "delta" and event.delta.index == 0:
                 self.token_ids.extend(event.delta.token_ids)
-            self.events.put_nowait(event)
+            self.events.put(event)
 
 
 def _error_event(code: int, message: str, retryable: bool) -> pb.ChatEvent:
@@ -278,17 +279,17 @@ class Dispatcher:
                 self._spawn(self._resubmit(channel))
             else:
                 message = f"worker {lost} stopped and the stream cannot be continued"
-                channel.events.put_nowait(_error_event(UNAVAILABLE, message, True))
+                channel.events.put(_error_event(UNAVAILABLE, message, True))
 
     async def _resubmit(self, channel: _Channel) -> None:
         try:
             await self._submit(channel.job)
         except RequestError as exc:
-            channel.events.put_nowait(_error_event(exc.code, exc.message, True))
+            channel.events.put(_error_event(exc.code, exc.message, True))
 
     def _fail_all(self, message: str) -> None:
         for channel in self._channels.values():
-            channel.events.put_nowait(_error_event(UNAVAILABLE, message, True))
+            channel.events.put(_error_event(UNAVAILABLE, message, True))
 
     async def _notify(self) -> None:
         for listener in self.listeners:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from worker.replies import merge_into
+from qwen_serve.deltas import merge_into
 
 
 def _delta(
@@ -26,3 +26,21 @@ def test_other_choices_and_kinds_do_not_merge() -> None:
     assert not merge_into(last, _delta(1, "b"))
     assert not merge_into(last, pb.ChatEvent(finished=pb.Finished(index=0)))
     assert last.delta.content == "a"
+
+
+async def test_event_queue_merges_waiting_deltas_and_keeps_order() -> None:
+    from qwen_serve.deltas import EventQueue
+
+    queue = EventQueue()
+    queue.put(pb.ChatEvent(started=pb.Started(request_id="r")))
+    queue.put(_delta(0, "a", ids=(1,)))
+    queue.put(_delta(0, "b", ids=(2,)))
+    queue.put(_delta(1, "x", ids=(9,)))
+    queue.put(pb.ChatEvent(finished=pb.Finished(index=0)))
+    kinds = []
+    while len(queue):
+        event = await queue.get()
+        kinds.append(event.WhichOneof("event"))
+        if event.HasField("delta") and event.delta.index == 0:
+            assert event.delta.content == "ab" and list(event.delta.token_ids) == [1, 2]
+    assert kinds == ["started", "delta", "delta", "finished"]

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.deltas import merge_into
 from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue
 from qwen_serve.queue.codec import Reply
 
@@ -26,21 +27,6 @@ RETRY_DELAY_S = 0.2
 class _Pending:
     stream: str
     events: list[pb.ChatEvent] = field(default_factory=list)
-
-
-def merge_into(last: pb.ChatEvent, new: pb.ChatEvent) -> bool:
-    """Append delta ``new`` to delta ``last`` of the same choice; False if not mergeable."""
-    if not (last.HasField("delta") and new.HasField("delta")):
-        return False
-    a, b = last.delta, new.delta
-    if a.index != b.index:
-        return False
-    a.reasoning += b.reasoning
-    a.content += b.content
-    a.tool_calls.extend(b.tool_calls)
-    a.logprobs.extend(b.logprobs)
-    a.token_ids.extend(b.token_ids)
-    return True
 
 
 class ReplyWriter:
