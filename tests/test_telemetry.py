@@ -316,7 +316,9 @@ async def test_a_request_the_worker_rejects_is_an_error_on_both_sides(
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await collect_with(traced_stub, seeded, metadata)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    trace = traced.receiver.wait_trace(trace_id, "process qs:jobs", "chat qwen3.5-tiny")
+    trace = traced.receiver.wait_trace(
+        trace_id, "qwen_serve.api.v1.Inference/Chat", "process qs:jobs", "chat qwen3.5-tiny"
+    )
     server, consumer = one(trace, kind="SERVER"), one(trace, kind="CONSUMER")
     gen = one(trace, name="chat qwen3.5-tiny")
     for span in (server, consumer, gen):
@@ -345,7 +347,9 @@ async def test_a_cancelled_stream_is_recorded_on_both_sides(
     assert value(engine, "qwen_serve_engine_requests_running", engine="0") >= 1
     assert value(engine, "qwen_serve_engine_kv_cache_usage_ratio", engine="0") > 0
     call.cancel()
-    trace = traced.receiver.wait_trace(trace_id, "chat qwen3.5-tiny", "process qs:jobs")
+    trace = traced.receiver.wait_trace(
+        trace_id, "qwen_serve.api.v1.Inference/Chat", "chat qwen3.5-tiny", "process qs:jobs"
+    )
     server = one(trace, kind="SERVER")
     assert server.is_error and server.attributes["error.type"] == "CANCELLED"
     gen = one(trace, name="chat qwen3.5-tiny")
