@@ -42,10 +42,8 @@ class QueueSettings(BaseSettings):
     )
     key_prefix: str = Field(default="qs", description="Prefix of every Redis key.")
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Heartbeat period.")
-    # 10 heartbeats: a process starved of CPU for a few seconds is not declared dead
-    # (that would continue its streams elsewhere and waste the work it has done).
     heartbeat_ttl_s: float = Field(
-        default=10.0, gt=0, description="A heartbeat older than this means the process is gone."
+        default=5.0, gt=0, description="A heartbeat older than this means the process is gone."
     )
     redis_tls_ca_file: str | None = Field(
         default=None, description="CA bundle that signs Redis's certificate (rediss:// only)."
