@@ -124,6 +124,17 @@ async def _status_from_lone_router(
         proc.stop()
 
 
+async def test_one_token_prompt_is_refused_not_fatal(stub: serve_pb2_grpc.InferenceStub) -> None:
+    """A one-token prompt kills vLLM 0.32's CPU engine; the worker refuses it instead."""
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[100]), sampling=pb.SamplingParams(max_tokens=2)
+    )
+    error = await status_of(stub, request)  # type: ignore[arg-type]
+    assert error.code() == INVALID
+    assert "token_ids" in (error.details() or "")
+    assert (await collect(stub, chat(max_tokens=2))).of("usage")
+
+
 async def test_unreachable_redis_answers_unavailable(stack: Stack) -> None:
     dead_redis = f"redis://127.0.0.1:{devstack.free_port()}/0"
     error = await _status_from_lone_router(stack, dead_redis)

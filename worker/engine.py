@@ -337,6 +337,9 @@ class Engine:
         except (VLLMValidationError, ValueError, TypeError, AssertionError) as exc:
             # AssertionError: vLLM's multimodal processor found no placeholder for an image.
             raise _input_error(exc, "images" if req.images else prompt_field) from exc
+        if self.resolved.profile.device == "cpu" and len(prompt["prompt_token_ids"]) < 2:
+            # vLLM 0.32's CPU causal-conv kernel kills the engine on a one-token prompt.
+            raise invalid(prompt_field, "the CPU engine needs a prompt of at least 2 tokens")
         params = requests.sampling_params(
             req.sampling,
             req.structured_output,
