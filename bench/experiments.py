@@ -1,6 +1,6 @@
 """Bench-only prototypes of the proposed hot-path changes, to measure them before they land.
 
-Nothing here changes the product: ``python -m bench.experiments --patch merge,gc --
+Nothing here changes the product: ``python -m bench.experiments --patch gc,batch --
 <router flags>`` runs the unchanged router with monkeypatches applied in its own
 process, and ``bench.sim_worker --batch-replies`` writes replies the way the
 ``batch`` patch reads them. ``python -m bench experiments`` compares each variant
@@ -9,9 +9,8 @@ with the unpatched router at 1,000 streams (docs/benchmarks.md, "Before/after").
 Patches (each mirrors a change proposed in docs/benchmarks.md):
 
 ``merge``
-    The router merges a Delta into the previous Delta of the same choice while it
-    still waits in the request's channel (``_Channel.deliver``), so a stream that
-    fell behind is sent fewer, larger gRPC messages.
+    Now a no-op: the router merges a Delta into the previous waiting Delta of its
+    choice since this prototype landed (``qwen_serve.deltas.EventQueue``).
 ``gc``
     ``gc.freeze()`` after start-up and a young-generation threshold of 50,000
     allocations instead of 700 (the event path allocates many short-lived protos).

@@ -21,7 +21,9 @@ def _engine_series(engine: dict[str, Any], key: str) -> dict[str, dict[int, floa
     return {s: {c: sum(v) / len(v) for c, v in by_c.items()} for s, by_c in values.items()}
 
 
-def engine_bars(engine: dict[str, Any], key: str, ylabel: str, title: str, out: Path) -> None:
+def engine_bars(
+    engine: dict[str, Any], key: str, ylabel: str, title: str, out: Path, log: bool = False
+) -> None:
     """Grouped bars: one group per concurrency, one bar per system."""
     series = _engine_series(engine, key)
     levels = sorted({c for by_c in series.values() for c in by_c})
@@ -35,9 +37,11 @@ def engine_bars(engine: dict[str, Any], key: str, ylabel: str, title: str, out: 
     ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(levels))])
     ax.set_xticklabels([f"concurrency {c}" for c in levels])
     ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -97,7 +101,12 @@ def write_all(engine: dict[str, Any], capacity: dict[str, Any], docs: Path) -> l
     written: list[str] = []
     if engine.get("rows"):
         engine_bars(
-            engine, "ttft_p50_ms", "ms", "Time to first token, p50", docs / "bench-ttft.png"
+            engine,
+            "ttft_p50_ms",
+            "ms (log scale)",
+            "Time to first token, p50 ((a): mean of its three phases)",
+            docs / "bench-ttft.png",
+            log=True,
         )
         engine_bars(
             engine,

@@ -23,7 +23,7 @@ from bench import capacity, stack
 
 logger = logging.getLogger(__name__)
 
-TOP = 25
+TOP = 60
 
 
 def frame_name(frame: str) -> str:
@@ -71,7 +71,7 @@ def record(pid: int, seconds: float, out: Path, native: bool = False) -> subproc
 
 
 def run(
-    streams: int, seconds: float = 10.0, out_dir: Path | None = None, native: bool = False
+    streams: int, seconds: float = 10.0, out_dir: Path | None = None, native: bool = True
 ) -> dict[str, Any]:
     """Profile router and simulated worker at ``streams`` concurrent streams."""
     config = capacity.CapacityConfig(levels=(streams,), duration_s=seconds + 6)
@@ -99,7 +99,7 @@ def run(
         client.wait()
     finally:
         cap.stop()
-    result: dict[str, Any] = {"streams": streams, "seconds": seconds}
+    result: dict[str, Any] = {"streams": streams, "seconds": seconds, "native": native}
     for name in targets:
         path = out_dir / f"pyspy-{name}.txt"
         result[name] = summarise_collapsed(path.read_text() if path.exists() else "")

@@ -6,6 +6,7 @@ engine) and resolve the method by server reflection, as ghz does.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from loadtest import report
 from loadtest.__main__ import run
 from loadtest.options import OptionsError, normalise_call, parse_duration, parse_options
+from loadtest.progress import Progress
 from loadtest.runner import CallResult, RunResult, status_name
 from tests.conftest import Stack
 
@@ -165,6 +167,16 @@ def test_formats() -> None:
     for heading in ("Summary:", "Latency distribution:", "Status code distribution:"):
         assert heading in text
     assert "Time to first token" in text
+
+
+def test_progress_bar_counts_calls() -> None:
+    out = io.StringIO()
+    progress = Progress(total=4, duration_s=0, out=out)
+    for result in _calls()[:2]:
+        progress(result)
+    progress.close()
+    line = out.getvalue().strip().splitlines()[-1]
+    assert "50.0%" in line and "2 calls" in line and "0 errors" in line
 
 
 # ------------------------------------------------------------------ real runs
