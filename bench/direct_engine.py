@@ -42,12 +42,7 @@ async def _call(llm: Any, prompt: list[int], params: Any, request_id: str) -> Ca
             tokens = sum(len(o.token_ids) for o in output.outputs)
             if not tokens:
                 continue
-            if result.ttft_ns is None:
-                result.ttft_ns, result.first_token_ns = now - start, now
-            else:
-                result.gaps_ns.extend([(now - result.last_token_ns) // tokens] * tokens)
-            result.last_token_ns = now
-            result.tokens += tokens
+            result.add_tokens(tokens, now, start)
     except Exception as exc:  # the report counts it; the process stays up
         result.status, result.error = "Internal", f"{type(exc).__name__}: {exc}"
     result.latency_ns = time.monotonic_ns() - start

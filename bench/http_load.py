@@ -33,12 +33,7 @@ def _on_chunk(result: CallResult, start: int, chunk: dict[str, Any]) -> None:
     tokens = sum(len(c.get("token_ids") or []) for c in choices)
     if not tokens:
         return
-    if result.ttft_ns is None:
-        result.ttft_ns, result.first_token_ns = now - start, now
-    else:
-        result.gaps_ns.extend([(now - result.last_token_ns) // tokens] * tokens)
-    result.last_token_ns = now
-    result.tokens += tokens
+    result.add_tokens(tokens, now, start)
 
 
 async def _call(client: httpx.AsyncClient, body: dict[str, Any]) -> CallResult:

@@ -54,6 +54,16 @@ class CallResult:
     delays_ns: list[int] = field(default_factory=list)
     """Emit-to-receive delay per stamped token (``--stamped-tokens``)."""
 
+    def add_tokens(self, tokens: int, now: int, start: int) -> None:
+        """Record ``tokens`` arriving at ``now`` (TTFT on the first, gaps after)."""
+        if self.ttft_ns is None:
+            self.ttft_ns = now - start
+            self.first_token_ns = now
+        else:
+            self.gaps_ns.extend([(now - self.last_token_ns) // tokens] * tokens)
+        self.last_token_ns = now
+        self.tokens += tokens
+
 
 TIMELINE_BIN_NS = 100_000_000
 
@@ -201,14 +211,7 @@ class Runner:
             return
         if not counted.tokens:
             return
-        if result.ttft_ns is None:
-            result.ttft_ns = now - start
-            result.first_token_ns = now
-        else:
-            gap = (now - result.last_token_ns) // counted.tokens
-            result.gaps_ns.extend([gap] * counted.tokens)
-        result.last_token_ns = now
-        result.tokens += counted.tokens
+        result.add_tokens(counted.tokens, now, start)
         add_to_timeline(self._timeline, now - self._started_ns, counted.tokens)
         if counted.stamps_ns:
             result.delays_ns.extend(now - stamp for stamp in counted.stamps_ns)
