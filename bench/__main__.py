@@ -1,7 +1,9 @@
-"""``python -m bench {engine,capacity,profile,experiments,render,all} [--quick]``: write docs.
+"""``python -m bench {engine,capacity,profile,before-after,render,all} [--quick]``: write docs.
 
 ``all`` runs engine, capacity and profile (about 11 minutes on 2 cores; ``--quick``
-about 5); ``experiments`` (about 8 minutes) measures the before/after prototypes.
+about 5); ``before-after --against REF`` (about 8 minutes) runs commit REF's router
+and worker beside this checkout's (router path at 1,000 streams, time to first token
+on the real engine).
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
 command then re-renders ``docs/benchmarks.md`` and the plots from whatever
 results exist, so benchmarks can be re-run one at a time.
@@ -39,14 +41,17 @@ def save(name: str, result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """CLI."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    commands = ("engine", "capacity", "profile", "experiments", "render", "all")
+    commands = ("engine", "capacity", "profile", "before-after", "render", "all")
     parser.add_argument("command", choices=commands)
     parser.add_argument("--quick", action="store_true", help="small smoke run (a few minutes)")
     parser.add_argument("--smg-python", help="interpreter with smg-grpc-servicer for (b)")
     parser.add_argument(
-        "--streams", type=int, default=1000, help="profile/experiments: concurrent streams"
+        "--streams", type=int, default=1000, help="profile/before-after: concurrent streams"
     )
+    parser.add_argument("--against", help="before-after: the earlier commit (any git ref)")
     args = parser.parse_args(argv)
+    if args.command == "before-after" and not args.against:
+        parser.error("before-after needs --against REF (the commit to compare with)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command in ("engine", "all"):
         save("engine_path", engine_path.run(args.quick, args.smg_python))
@@ -55,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("profile", "all"):
         seconds = 5.0 if args.quick else 10.0
         save("profile", profile.run(args.streams, seconds, DATA))
-    if args.command == "experiments":  # ~8 min more, so not part of "all"
-        save("experiments", before_after.run(args.quick, args.streams))
-        save("ttft_experiment", before_after.ttft_run(args.quick))
+    if args.command == "before-after":  # ~8 min more, so not part of "all"
+        save("before_after", before_after.run(args.against, args.quick, args.streams))
     out = render.render(DATA, DOCS)
     logger.info("wrote %s", out)
 

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from bench import runtime
 from bench.sim_worker import SIM_MODEL, closing_events, delta
+from qwen_serve import aio
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    runtime.run(serve(args.port, args.tokens, args.rate))
+    aio.run(serve(args.port, args.tokens, args.rate))
 
 
 if __name__ == "__main__":

@@ -47,10 +47,8 @@ class CapacityConfig:
     """Each client worker streams back-to-back for this long (``-z``)."""
     coalesce_ms: float = 2.0
     sim_workers: int = 1
-    router_patches: tuple[str, ...] = ()
-    """bench.experiments patches applied to the router (empty: the product as is)."""
-    sim_loop: str = "asyncio"
-    """Event loop of the simulated worker; asyncio like the product worker."""
+    code: Path | None = None
+    """Checkout whose router and simulated worker run (None: this one)."""
 
     @classmethod
     def of(cls, quick: bool) -> CapacityConfig:
@@ -86,12 +84,9 @@ def start(config: CapacityConfig, log_dir: Path) -> CapacityStack:
             config.rate,
             config.coalesce_ms,
             name=f"sim-worker-{i}",
-            batch_replies="batch" in config.router_patches,
-            loop=config.sim_loop,
+            code=config.code,
         )
-    procs["router"], router_target = stack.start_router(
-        url, log_dir, ROUTER_FLAGS, config.router_patches
-    )
+    procs["router"], router_target = stack.start_router(url, log_dir, ROUTER_FLAGS, config.code)
     procs["bare"] = stack.start_bare(log_dir, config.tokens, config.rate)
     stack.wait_grpc(router_target, procs["router"], timeout=60)
     bare = stack.target_of(procs["bare"])

@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from bench import runtime
 from loadtest import report
 from loadtest.options import Options
 from loadtest.runner import CallResult, RunResult
+from qwen_serve import aio
 
 PATH = "/v1/completions"
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     bodies = json.loads(Path(args.data_file).read_text())
-    result = runtime.run(run(args.url, bodies, args.concurrency, args.total))
+    result = aio.run(run(args.url, bodies, args.concurrency, args.total))
     options = Options(
         host=args.url,
         call=f"POST {PATH}",

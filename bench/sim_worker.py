@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from bench import runtime
+from qwen_serve import aio
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, worker_queue
 from qwen_serve.queue.codec import Job, WorkerStatus
@@ -55,8 +55,6 @@ class SimConfig:
     """Tokens per second per stream (one decode step every 1/rate s)."""
     capacity: int = 4096
     coalesce_ms: float = 2.0
-    batch_replies: bool = False
-    """One entry per reply stream per flush (bench.experiments ``batch``)."""
 
 
 def model_info(capacity: int) -> pb.ModelInfo:
@@ -93,10 +91,6 @@ class SimWorker:
         self.queue = queue
         self.config = config
         self.worker_id = worker_id
-        if config.batch_replies:
-            from bench.experiments import send_batched
-
-            queue.send = functools.partial(send_batched, queue)  # type: ignore[method-assign]
         self.writer = ReplyWriter(queue, worker_id, config.coalesce_ms / 1000)
         self.status = WorkerStatus(worker_id=worker_id, capacity=config.capacity)
         self.status.model.CopyFrom(model_info(config.capacity))
@@ -151,9 +145,9 @@ class SimWorker:
             self._ack(entry_id)
             return
         rid = job.request_id
-        # The product worker's per-job round trips, one at a time on one connection.
+        # The product worker's per-job round trip before its first token (its started
+        # marker goes with the first reply flush), one at a time on one connection.
         self._bookkeeping.put_nowait(functools.partial(self.queue.is_aborted, rid))
-        self._bookkeeping.put_nowait(functools.partial(self.queue.mark_started, rid))
         started = pb.Started(request_id=rid, model=SIM_MODEL)
         self.writer.put(job.request_id, job.reply_stream, pb.ChatEvent(started=started))
         self.active[job.request_id] = SimStream(
@@ -235,24 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
     parser.add_argument("--capacity", type=int, default=4096, help="streams at once")
     parser.add_argument("--coalesce-ms", type=float, default=2.0, help="ReplyWriter window")
-    parser.add_argument(
-        "--batch-replies", action="store_true", help="one entry per reply stream per flush"
-    )
-    parser.add_argument(
-        "--loop",
-        choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="event loop (the product worker runs asyncio's)",
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = QueueSettings(redis_url=args.redis_url, key_prefix=args.key_prefix)
-    config = SimConfig(args.tokens, args.rate, args.capacity, args.coalesce_ms, args.batch_replies)
-    coro = serve(settings, config, new_id("simworker"))
-    if args.loop == "uvloop":
-        runtime.run(coro)
-    else:
-        asyncio.run(coro)
+    config = SimConfig(args.tokens, args.rate, args.capacity, args.coalesce_ms)
+    aio.run(serve(settings, config, new_id("simworker")))
 
 
 if __name__ == "__main__":

@@ -56,30 +56,22 @@ def engine_flags(args: Mapping[str, Any]) -> list[str]:
 
 
 def start_our_stack(
-    log_dir: Path, router_flags: tuple[str, ...] = (), worker_patches: tuple[str, ...] = ()
+    log_dir: Path, router_flags: tuple[str, ...] = (), code: Path | None = None
 ) -> dict[str, Proc]:
     """(a): redis-server, a worker with the cpu-tiny engine and a router.
 
-    ``worker_patches`` run the worker through bench.experiments (a bench-only variant).
+    ``code``: the checkout whose router and worker run (default: this one);
+    ``python -m bench before-after`` passes an older commit's.
     """
     redis, url = devstack.start_redis(log_dir)
     procs = {"redis": redis}
-    if worker_patches:
-        name = "worker-patched"
-        args = devstack.python_module(
-            "bench.experiments", "--target", "worker", "--patch", ",".join(worker_patches)
-        )
-        args += ["--", "--redis-url", url, "--model", str(devstack.TINY_MODEL_DIR)]
-        args += ["--key-prefix", PREFIX]
-        status = {"QS_STATUS_FILE": str(log_dir / f"{name}-{redis.popen.pid}-status.json")}
-        procs["worker"] = devstack.spawn(name, args, log_dir, status)
-    else:
-        procs["worker"] = devstack.start_worker(
-            url, log_dir, "--key-prefix", PREFIX, name=f"worker-{redis.popen.pid}"
-        )
+    name = f"worker-{redis.popen.pid}"
+    procs["worker"] = devstack.start_worker(
+        url, log_dir, "--key-prefix", PREFIX, name=name, cwd=code
+    )
     port = devstack.free_port()
     procs["router"] = devstack.start_router(
-        url, port, log_dir, "--key-prefix", PREFIX, *router_flags, name=f"router-{port}"
+        url, port, log_dir, "--key-prefix", PREFIX, *router_flags, name=f"router-{port}", cwd=code
     )
     procs["router"].args.append(f"127.0.0.1:{port}")
     return procs
@@ -136,42 +128,24 @@ def start_sim_worker(
     rate: float,
     coalesce_ms: float,
     name: str,
-    batch_replies: bool = False,
-    loop: str = "asyncio",
+    code: Path | None = None,
 ) -> Proc:
     """The SIMULATED engine (bench.sim_worker) on the bench key prefix."""
-    extra = ["--batch-replies", "--loop", loop] if batch_replies else ["--loop", loop]
     args = devstack.python_module(
         "bench.sim_worker",
-        "--redis-url",
-        redis_url,
-        "--key-prefix",
-        PREFIX,
-        "--tokens",
-        str(tokens),
-        "--rate",
-        str(rate),
-        "--coalesce-ms",
-        str(coalesce_ms),
-        *extra,
+        *("--redis-url", redis_url, "--key-prefix", PREFIX),
+        *("--tokens", str(tokens), "--rate", str(rate), "--coalesce-ms", str(coalesce_ms)),
     )
-    return devstack.spawn(name, args, log_dir)
+    return devstack.spawn(name, args, log_dir, cwd=code)
 
 
 def start_router(
-    redis_url: str, log_dir: Path, flags: tuple[str, ...], patches: tuple[str, ...] = ()
+    redis_url: str, log_dir: Path, flags: tuple[str, ...], code: Path | None = None
 ) -> tuple[Proc, str]:
-    """A router on the bench prefix; with ``patches``, through bench.experiments."""
+    """A router on the bench prefix, from the checkout ``code`` (default: this one)."""
     port = devstack.free_port()
-    router_flags = ["--redis-url", redis_url, "--listen", f"127.0.0.1:{port}"]
-    router_flags += ["--key-prefix", PREFIX, *flags]
-    if patches:
-        args = devstack.python_module(
-            "bench.experiments", "--patch", ",".join(patches), "--", *router_flags
-        )
-    else:
-        args = devstack.python_module("router", *router_flags)
-    return devstack.spawn("router", args, log_dir), f"127.0.0.1:{port}"
+    proc = devstack.start_router(redis_url, port, log_dir, "--key-prefix", PREFIX, *flags, cwd=code)
+    return proc, f"127.0.0.1:{port}"
 
 
 def start_bare(log_dir: Path, tokens: int, rate: float) -> Proc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from loadtest.options import Options, OptionsError, parse_options
 from loadtest.progress import Progress
 from loadtest.reflect import resolve_at
 from loadtest.runner import Runner
+from qwen_serve import aio
 
 
 async def run(options: Options, progress: Progress | None = None) -> dict[str, Any]:
@@ -33,14 +33,6 @@ async def run(options: Options, progress: Progress | None = None) -> dict[str, A
     return report.build(options, result)
 
 
-def _event_loop_run(options: Options, progress: Progress | None) -> dict[str, Any]:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        return uvloop.run(run(options, progress))
-    return asyncio.run(run(options, progress))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (1 for a bad flag or an unreachable host)."""
     try:
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.progress and sys.stderr.isatty():
         progress = Progress(options.total, options.duration_s)
     try:
-        document = _event_loop_run(options, progress)
+        document = aio.run(run(options, progress))
     except OptionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -77,8 +77,18 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
-    """Start ``args`` in its own process group, logging to ``log_dir/name.log``."""
+def spawn(
+    name: str,
+    args: list[str],
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Proc:
+    """Start ``args`` in its own process group, logging to ``log_dir/name.log``.
+
+    ``python -m`` imports the project from ``cwd`` first: the benchmarks run
+    another checkout's router and worker that way.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
@@ -88,6 +98,7 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             start_new_session=True,
         )
     return Proc(name, popen, log_path, args)
@@ -120,11 +131,12 @@ def start_worker(
     *flags: str,
     name: str = "worker",
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Proc:
     """A worker process on the tiny model (cpu-tiny profile unless flags say otherwise)."""
     args = python_module("worker", "--redis-url", redis_url, "--model", str(TINY_MODEL_DIR), *flags)
     status = {"QS_STATUS_FILE": str(log_dir / f"{name}-status.json")}
-    return spawn(name, args, log_dir, {**status, **(env or {})})
+    return spawn(name, args, log_dir, {**status, **(env or {})}, cwd)
 
 
 def start_router(
@@ -134,10 +146,11 @@ def start_router(
     *flags: str,
     name: str = "router",
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Proc:
     """A router process listening on 127.0.0.1:``port`` (``env`` adds QS_* variables)."""
     args = python_module("router", "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}")
-    return spawn(name, [*args, *flags], log_dir, env)
+    return spawn(name, [*args, *flags], log_dir, env, cwd)
 
 
 def health_status(

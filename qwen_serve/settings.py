@@ -156,7 +156,10 @@ class WorkerSettings(QueueSettings):
         description="Where the worker writes its liveness for `python -m worker.probe`.",
     )
     coalesce_ms: float = Field(
-        default=2.0, ge=0, description="How long deltas gather before one write to Redis."
+        default=2.0,
+        ge=0,
+        description="Least time between two reply writes to Redis: under load, deltas"
+        " gather this long; after a quiet spell the next write goes at once.",
     )
 
     @field_validator("image_url_hosts", mode="before")

@@ -5,7 +5,7 @@
   the call's metadata, with the GenAI request attributes; it ends the span with the
   call's status (an ``abort_with_status`` rejection, a cancellation or an Error
   event included) and counts the call. Health and reflection are not traced.
-- :func:`relay` watches a stream's events on their way to the client: time to
+- :func:`observer` watches a stream's events on their way to the client: time to
   first token, finish reasons, usage, a terminal Error.
 - :func:`produced` opens the producer span of a job's queue write and puts its
   context in the job's ``trace_context``, so the worker's spans join the trace.
@@ -275,18 +275,14 @@ def _unary(name: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., 
     return observed
 
 
-async def relay(
-    first: pb.ChatEvent, events: AsyncIterator[pb.ChatEvent]
-) -> AsyncIterator[pb.ChatEvent]:
-    """Yield ``first`` and then ``events`` unchanged, observing each for the call's span."""
+def observer() -> Callable[[pb.ChatEvent], None]:
+    """What takes each event the client is about to receive, for the call's span."""
     call = _CALL.get()
-    if call is not None:
-        call.observe(first)
-    yield first
-    async for event in events:
-        if call is not None:
-            call.observe(event)
-        yield event
+    return _ignore if call is None else call.observe
+
+
+def _ignore(_event: pb.ChatEvent) -> None:
+    """Outside an observed call (unit tests call the servicer directly)."""
 
 
 # ------------------------------------------------------------------ the queue write

@@ -70,19 +70,31 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
     async def _serve(
         self, request: pb.ChatRequest | pb.GenerateRequest, images: int, context: Context
     ) -> AsyncIterator[pb.ChatEvent]:
+        """Relay one request's events; a failure before Started becomes the call's status.
+
+        Events go straight from the dispatcher's channel to gRPC (one generator in
+        between), each observed for the call's span and metrics.
+        """
         try:
-            events = self._accept(request, images, context)
-            first = await anext(events)
+            stream = self._open(request, images, context)
+            first = await anext(stream)
+            if first.HasField("error"):
+                await stream.aclose()
+                raise errors.from_event(first)
         except RequestError as exc:
             await errors.abort(context, exc)
             return
-        async for event in observability.relay(first, events):
+        observe = observability.observer()
+        observe(first)
+        yield first
+        async for event in stream:
+            observe(event)
             yield event
 
-    async def _accept(
+    def _open(
         self, request: pb.ChatRequest | pb.GenerateRequest, images: int, context: Context
     ) -> AsyncGenerator[pb.ChatEvent, None]:
-        """Authenticate, validate, admit, queue; raise RequestError if it fails before Started."""
+        """Authenticate, validate, admit and queue (RequestError if any of it fails)."""
         tenant = self.auth.tenant(context.invocation_metadata())
         if isinstance(request, pb.ChatRequest):
             validation.check_chat(request)
@@ -98,14 +110,7 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
             trace=jobs.trace_context(context.invocation_metadata() or ()),
             tenant=tenant,
         )
-        stream = self.dispatcher.stream(job)
-        first = await anext(stream)
-        if first.HasField("error"):
-            await stream.aclose()
-            raise errors.from_event(first)
-        yield first
-        async for event in stream:
-            yield event
+        return self.dispatcher.stream(job)
 
     def _model(self) -> pb.ModelInfo:
         info = self.dispatcher.view.model()

@@ -7,7 +7,18 @@ import pickle
 import pytest
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.queue.codec import FIELD, CodecError, Job, Reply, WorkerStatus, decode, encode
+from qwen_serve.queue.codec import (
+    BATCH_FIELD,
+    FIELD,
+    CodecError,
+    Job,
+    Reply,
+    WorkerStatus,
+    decode,
+    decode_replies,
+    encode,
+    encode_replies,
+)
 from qwen_serve.queue.keys import Keys
 from tests.helpers import chat
 
@@ -53,3 +64,13 @@ def test_key_names_share_the_prefix() -> None:
     ]
     assert all(n.startswith("p:") for n in names)
     assert len(set(names)) == len(names)
+
+
+def test_reply_batches_round_trip_and_single_replies_still_decode() -> None:
+    replies = [Reply(request_id="a", worker_id="w"), Reply(request_id="b", worker_id="w")]
+    fields = encode_replies(replies)
+    assert list(fields) == [BATCH_FIELD]
+    assert decode_replies(fields) == replies
+    assert decode_replies(encode(replies[0])) == replies[:1]
+    with pytest.raises(CodecError):
+        decode_replies({BATCH_FIELD: b"\xff\xff"})

@@ -1,9 +1,19 @@
-"""Delta coalescing on the worker."""
+"""Delta coalescing, and the worker's reply writer on a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.deltas import merge_into
+from qwen_serve.queue.broker import RouterQueue, WorkerQueue, router_queue, worker_queue
+from qwen_serve.queue.codec import Reply, encode
+from qwen_serve.settings import QueueSettings, new_id
+from worker.replies import ReplyWriter
 
 
 def _delta(
@@ -44,3 +54,83 @@ async def test_event_queue_merges_waiting_deltas_and_keeps_order() -> None:
         if event.HasField("delta") and event.delta.index == 0:
             assert event.delta.content == "ab" and list(event.delta.token_ids) == [1, 2]
     assert kinds == ["started", "delta", "delta", "finished"]
+
+
+# ---------------------------------------------------------------- the writer on a real Redis
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away redis-server for this module."""
+    proc, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def queues(redis_url: str) -> AsyncIterator[tuple[WorkerQueue, RouterQueue, RouterQueue]]:
+    """A worker's queue and two routers' queues on a fresh key prefix."""
+    settings = QueueSettings(redis_url=redis_url, key_prefix=new_id("qs-replies"))
+    worker = worker_queue(settings, "w1", block_ms=100)
+    routers = router_queue(settings, "ra"), router_queue(settings, "rb")
+    try:
+        yield worker, *routers
+    finally:
+        for queue in (worker, *routers):
+            await queue.close()
+
+
+def _started(rid: str) -> pb.ChatEvent:
+    return pb.ChatEvent(started=pb.Started(request_id=rid))
+
+
+async def test_one_flush_is_one_entry_per_router_after_its_started_markers(
+    queues: tuple[WorkerQueue, RouterQueue, RouterQueue],
+) -> None:
+    worker, router_a, router_b = queues
+    writer = ReplyWriter(worker, "w1", window_s=0.0)
+    writer.put("r1", router_a.reply_stream, _started("r1"))
+    writer.put("r1", router_a.reply_stream, _delta(0, "a", ids=(1,)))
+    writer.put("r2", router_a.reply_stream, _delta(0, "b", ids=(2,)))
+    writer.put("r3", router_b.reply_stream, _started("r3"))
+    task = asyncio.create_task(writer.run())
+    try:
+        await asyncio.wait_for(writer.flush(), 30)
+    finally:
+        task.cancel()
+    assert await worker.redis.xlen(router_a.reply_stream) == 1
+    assert await worker.redis.xlen(router_b.reply_stream) == 1
+    replies = [r for _, r in await router_a.read_replies(b"0-0", 100)]
+    assert [(r.request_id, len(r.events)) for r in replies if r] == [("r1", 2), ("r2", 1)]
+    assert await worker.is_started("r1") and await worker.is_started("r3")
+    assert not await worker.is_started("r2")
+
+
+async def test_first_write_after_a_quiet_spell_does_not_wait_for_the_window(
+    queues: tuple[WorkerQueue, RouterQueue, RouterQueue],
+) -> None:
+    worker, router, _ = queues
+    writer = ReplyWriter(worker, "w1", window_s=600.0)
+    task = asyncio.create_task(writer.run())
+    try:
+        writer.put("r1", router.reply_stream, _started("r1"))
+        first = await router.read_replies(b"0-0", block_ms=20_000)
+        assert [r.request_id for _, r in first if r] == ["r1"]
+        # The next write waits for the window: nothing more arrives meanwhile.
+        writer.put("r1", router.reply_stream, _delta(0, "a", ids=(1,)))
+        assert await router.read_replies(first[-1][0], block_ms=500) == []
+    finally:
+        task.cancel()
+
+
+async def test_routers_still_read_single_reply_entries(
+    queues: tuple[WorkerQueue, RouterQueue, RouterQueue],
+) -> None:
+    """Entries of workers from before ReplyBatch (one Reply each) stay readable."""
+    worker, router, _ = queues
+    await worker.redis.xadd(router.reply_stream, encode(Reply(request_id="old")))  # type: ignore[arg-type]
+    await worker.redis.xadd(router.reply_stream, {b"b": b"\xff\xff"})
+    replies = await router.read_replies(b"0-0", 100)
+    assert [r.request_id if r else None for _, r in replies] == ["old", None]

@@ -116,10 +116,9 @@ async def test_queue_runs_over_redis_acl_and_tls(pki: Pki, secure_redis: int) ->
         assert claimed is not None and claimed.request_id == job.request_id
         assert claimed.tenant == "alpha"
         reply = Reply(request_id=job.request_id, worker_id="worker-acl")
-        await workers.send([(routers.reply_stream, reply)])
+        await workers.send([(routers.reply_stream, reply)], started=[job.request_id])
         replies = await routers.read_replies(b"0-0", 100)
         assert [r.request_id for _, r in replies if r] == [job.request_id]
-        await workers.mark_started(job.request_id)
         assert await workers.is_started(job.request_id)
         assert await workers.live_routers() == {"router-acl"}
         await workers.finish(entry_id)

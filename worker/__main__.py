@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from qwen_serve import aio
 from qwen_serve.queue.broker import worker_queue
 from qwen_serve.settings import WorkerSettings, add_queue_flags
 from worker import observability
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     )
     parser.add_argument("--image-fetch-timeout-s", type=float, help="remote image time limit")
     parser.add_argument("--drain-grace-s", type=float, help="seconds to finish jobs on stop")
-    parser.add_argument("--coalesce-ms", type=float, help="delta coalescing window")
+    parser.add_argument(
+        "--coalesce-ms", type=float, help="least ms between reply writes (batching under load)"
+    )
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return WorkerSettings(**args)
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     observability.setup(settings)
     logger.info("starting worker %s (profile %s)", settings.worker_id, settings.profile)
-    sys.exit(asyncio.run(serve(settings)))
+    sys.exit(aio.run(serve(settings)))
 
 
 if __name__ == "__main__":

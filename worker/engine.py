@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,13 +165,19 @@ class Engine:
 
     # -------------------------------------------------------------- requests
 
-    async def run(self, request_id: str, job: queue_pb2.Job) -> AsyncGenerator[pb.ChatEvent, None]:
+    async def run(
+        self, request_id: str, job: queue_pb2.Job, wanted: Awaitable[bool]
+    ) -> AsyncGenerator[pb.ChatEvent, None]:
         """Stream the events of one job: Deltas, a Finished per choice, then Usage.
 
         Raises RequestError before the first event when the input is invalid, and
         EngineDeadError whenever the engine dies. Closing the iterator aborts the request.
+        Yields nothing if ``wanted``, awaited once the prompt is rendered, is false
+        (the caller reads it from the queue meanwhile).
         """
         prepared = await self._prepare(job)
+        if not await wanted:
+            return
         stream = self._llm.generate(
             prepared.prompt,
             prepared.params,

@@ -2,8 +2,15 @@
 
 Events are buffered per request; consecutive deltas of one choice merge
 into one. A single task writes everything buffered in one pipelined round
-trip, at most every ``window_s``, so a busy worker makes few Redis calls per
-token and an idle one adds at most the window to each event's latency.
+trip (one stream entry per router), starting at most every ``window_s``: an
+event that arrives after a quiet spell is written at once (after letting the
+other requests of the same engine step add theirs), while under load the
+events of a whole window share one write. So an idle worker adds no delay,
+and a busy one makes few Redis calls per token.
+
+A Started event is written together with the request's started marker, in
+the same pipeline and before it: routers rely on the marker once they see
+Started.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ RETRY_DELAY_S = 0.2
 class _Pending:
     stream: str
     events: list[pb.ChatEvent] = field(default_factory=list)
+    started: bool = False
 
 
 class ReplyWriter:
@@ -42,10 +50,16 @@ class ReplyWriter:
         self._idle.set()
         self._failing_since: float | None = None
         self._discard = False
+        self._last_flush = 0.0
 
     def put(self, request_id: str, stream: str, event: pb.ChatEvent) -> None:
-        """Queue one event of ``request_id`` for the reply stream ``stream``."""
+        """Queue one event of ``request_id`` for the reply stream ``stream``.
+
+        A Started event also sets the request's started marker (same write).
+        """
         pending = self._buffer.setdefault(request_id, _Pending(stream))
+        if event.HasField("started"):
+            pending.started = True
         if not (pending.events and merge_into(pending.events[-1], event)):
             pending.events.append(event)
         self._idle.clear()
@@ -53,10 +67,12 @@ class ReplyWriter:
 
     async def run(self) -> None:
         """Write buffered events until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            if self.window_s:
-                await asyncio.sleep(self.window_s)
+            # Sleep(0) lets the requests woken by the same engine step put theirs first.
+            await asyncio.sleep(max(0.0, self._last_flush + self.window_s - loop.time()))
+            self._last_flush = loop.time()
             self._wake.clear()
             batch, self._buffer = self._buffer, {}
             await self._send(batch)
@@ -83,10 +99,11 @@ class ReplyWriter:
             (p.stream, Reply(request_id=rid, events=p.events, worker_id=self.worker_id))
             for rid, p in batch.items()
         ]
+        started = [rid for rid, p in batch.items() if p.started]
         self._discard = False
         while not self._discard:
             try:
-                await self.queue.send(replies)
+                await self.queue.send(replies, started)
                 self._failing_since = None
                 return
             except QueueUnavailable as exc:

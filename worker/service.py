@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Coroutine
 from typing import Any, Protocol
 
 from qwen_serve.api.v1 import serve_pb2 as pb
@@ -31,8 +31,14 @@ logger = logging.getLogger(__name__)
 class EngineLike(Protocol):
     """What the service needs of worker.engine.Engine."""
 
-    def run(self, request_id: str, job: Job) -> AsyncGenerator[pb.ChatEvent, None]:
-        """Stream the events of one job (RequestError before the first)."""
+    def run(
+        self, request_id: str, job: Job, wanted: Awaitable[bool]
+    ) -> AsyncGenerator[pb.ChatEvent, None]:
+        """Stream the events of one job (RequestError before the first).
+
+        Nothing is generated, and nothing yielded, if ``wanted`` (awaited once the
+        prompt is rendered) is false.
+        """
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -54,6 +60,14 @@ def error_event(exc: RequestError) -> pb.ChatEvent:
     """The terminal Error event for ``exc`` (recorded on the current job's span)."""
     observability.failed(exc)
     return pb.ChatEvent(error=pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable))
+
+
+def _settle(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` if it still runs, and mark a failure of it as seen."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 def job_request(job: Job) -> pb.ChatRequest | pb.GenerateRequest:
@@ -136,9 +150,6 @@ class Worker:
         try:
             if job.deadline_unix_ms and job.deadline_unix_ms <= now_ms():
                 raise RequestError(DEADLINE_EXCEEDED, "", "deadline passed while queued")
-            if await self.queue.is_aborted(rid):
-                logger.info("job %s was aborted before it started", rid)
-                return
             await self._stream(job)
         except RequestError as exc:
             self.writer.put(rid, stream, error_event(exc))
@@ -151,15 +162,22 @@ class Worker:
             await self._finish(entry_id)
 
     async def _stream(self, job: Job) -> None:
+        """Run ``job`` in the engine and queue its events, Started first.
+
+        Whether a router aborted the job while it was queued is read from Redis
+        while the engine renders the prompt, so the read adds nothing to the
+        first token's latency unless rendering is quicker than a round trip.
+        """
         rid, stream = job.request_id, job.reply_stream
-        events = observability.generation(job, self.engine.run(rid, job))
+        wanted = asyncio.ensure_future(self._still_wanted(rid))
+        events = observability.generation(job, self.engine.run(rid, job, wanted))
         try:
             timeout = (job.deadline_unix_ms - now_ms()) / 1000 if job.deadline_unix_ms else None
             async with asyncio.timeout(timeout):
-                first = await anext(events)
-                if rid in self.aborted:  # the abort came while the request was being rendered
-                    await self.engine.abort(rid)
-                await self.queue.mark_started(rid)
+                first = await anext(events, None)
+                if first is None or rid in self.aborted:
+                    logger.info("job %s was aborted before it started", rid)
+                    return  # closing the events aborts it in the engine
                 request = job_request(job)
                 started = pb.Started(
                     request_id=rid,
@@ -177,7 +195,11 @@ class Worker:
             self.engine_dead = True
             raise
         finally:
+            _settle(wanted)
             await events.aclose()
+
+    async def _still_wanted(self, request_id: str) -> bool:
+        return not await self.queue.is_aborted(request_id)
 
     async def _finish(self, entry_id: bytes) -> None:
         try:

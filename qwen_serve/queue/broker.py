@@ -18,7 +18,17 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from qwen_serve.queue.codec import CodecError, Job, M, Reply, WorkerStatus, decode, encode
+from qwen_serve.queue.codec import (
+    CodecError,
+    Job,
+    M,
+    Reply,
+    WorkerStatus,
+    decode,
+    decode_replies,
+    encode,
+    encode_replies,
+)
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from qwen_serve.settings import QueueSettings
 
@@ -143,7 +153,7 @@ class RouterQueue(_Base):
         out: list[tuple[bytes, Reply | None]] = []
         for _stream, entries in found or []:
             for entry_id, fields in entries:
-                out.append((entry_id, _decode_or_none(Reply, fields)))
+                out += [(entry_id, reply) for reply in _replies_or_none(fields)]
         return out
 
     async def trim_replies(self, upto_id: bytes) -> None:
@@ -273,13 +283,6 @@ class WorkerQueue(_Base):
                 pipe.xdel(self.keys.jobs, entry_id)
                 await pipe.execute()
 
-    async def mark_started(self, request_id: str) -> None:
-        """Record that this worker started streaming ``request_id``."""
-        with _redis_errors():
-            await self.redis.set(
-                self.keys.started(request_id), self.worker_id.encode(), ex=STARTED_MARKER_TTL_S
-            )
-
     async def is_started(self, request_id: str) -> bool:
         """Whether some worker started streaming ``request_id``."""
         with _redis_errors():
@@ -293,14 +296,28 @@ class WorkerQueue(_Base):
             )
         return {_text(i) for i in ids}
 
-    async def send(self, replies: Sequence[tuple[str, Reply]]) -> None:
-        """Append replies to their routers' reply streams in one round trip."""
+    async def send(self, replies: Sequence[tuple[str, Reply]], started: Sequence[str] = ()) -> None:
+        """Append replies to their routers' reply streams in one round trip.
+
+        One entry per reply stream. The started markers of ``started`` are set
+        first in the same pipeline, so a router that sees a Started event can rely
+        on the marker (a continuation after this worker dies depends on it).
+        """
+        by_stream: dict[str, list[Reply]] = {}
+        for stream, reply in replies:
+            by_stream.setdefault(stream, []).append(reply)
         with _redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, reply in replies:
+                for request_id in started:
+                    pipe.set(
+                        self.keys.started(request_id),
+                        self.worker_id.encode(),
+                        ex=STARTED_MARKER_TTL_S,
+                    )
+                for stream, batch in by_stream.items():
                     pipe.xadd(
                         stream,
-                        encode(reply),  # type: ignore[arg-type]
+                        encode_replies(batch),  # type: ignore[arg-type]
                         maxlen=REPLY_STREAM_MAXLEN,
                         approximate=True,
                     )
@@ -356,6 +373,14 @@ class WorkerQueue(_Base):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _replies_or_none(fields: dict[bytes, bytes]) -> list[Reply | None]:
+    try:
+        return list(decode_replies(fields))
+    except CodecError:
+        logger.warning("dropping a malformed reply entry")
+        return [None]
 
 
 def _decode_or_none(kind: type[M], fields: dict[bytes, bytes]) -> M | None:

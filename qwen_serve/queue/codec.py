@@ -1,20 +1,36 @@
 """The queue's byte format: protobuf messages in a single stream field.
 
-A stream entry is ``{b"m": <serialised message>}``. Decoding never
-evaluates data: a malformed entry raises :class:`CodecError`.
+A stream entry is ``{b"m": <serialised message>}``, except on reply streams,
+whose entries are ``{b"b": <serialised ReplyBatch>}`` (several replies per
+entry; readers still accept a single ``b"m"`` Reply, the format of workers
+before ReplyBatch). Decoding never evaluates data: a malformed entry raises
+:class:`CodecError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from qwen_serve.queue.v1.queue_pb2 import Job, Reply, WorkerStatus
+from qwen_serve.queue.v1.queue_pb2 import Job, Reply, ReplyBatch, WorkerStatus
 
-__all__ = ["FIELD", "CodecError", "Job", "Reply", "WorkerStatus", "decode", "encode"]
+__all__ = [
+    "BATCH_FIELD",
+    "FIELD",
+    "CodecError",
+    "Job",
+    "Reply",
+    "WorkerStatus",
+    "decode",
+    "decode_replies",
+    "encode",
+    "encode_replies",
+]
 
 FIELD = b"m"
+BATCH_FIELD = b"b"
 M = TypeVar("M", bound=Message)
 
 
@@ -38,3 +54,16 @@ def decode(kind: type[M], fields: dict[bytes, bytes] | bytes) -> M:
     except DecodeError as exc:
         raise CodecError(f"not a {kind.__name__}: {exc}") from exc
     return message
+
+
+def encode_replies(replies: Sequence[Reply]) -> dict[bytes, bytes]:
+    """One reply-stream entry holding ``replies``."""
+    return {BATCH_FIELD: ReplyBatch(replies=replies).SerializeToString()}
+
+
+def decode_replies(fields: dict[bytes, bytes]) -> list[Reply]:
+    """The replies of a reply-stream entry (a ReplyBatch, or one Reply)."""
+    raw = fields.get(BATCH_FIELD)
+    if raw is None:
+        return [decode(Reply, fields)]
+    return list(decode(ReplyBatch, raw).replies)

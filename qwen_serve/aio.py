@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmark processes."""
+"""The event loop every qwen-serve process runs on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ T = TypeVar("T")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on uvloop when it is installed (as the router does), else asyncio."""
+    """Run ``coro`` on uvloop (as vLLM's own servers do) where it is installed, else asyncio.
+
+    uvloop is a dependency on Linux and macOS; asyncio's loop is the fallback elsewhere.
+    """
     try:
         import uvloop
     except ImportError:
