@@ -81,7 +81,7 @@ class StreamFailed(QwenServeError):
     """The request was accepted, then failed (its stream ended with an Error event)."""
 
     def __init__(self, error: StreamError, request_id: str = "") -> None:
-        super().__init__(error.message, code=error.status)
+        super().__init__(error.message, code=error.status, field=error.field)
         self.retryable = error.retryable
         self.request_id = request_id
 

@@ -14,9 +14,10 @@ Match on them::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
@@ -143,7 +144,9 @@ class StreamError:
     code: int
     message: str
     retryable: bool = False
-    status: grpc.StatusCode = field(init=False)
+    field: str = ""
+    """The request field concerned ("" if none), e.g. ``messages[1].content[0].image``."""
+    status: grpc.StatusCode = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", status_code(self.code))
@@ -209,7 +212,7 @@ def from_proto(event: pb.ChatEvent) -> Event:
         return Usage(u.prompt_tokens, u.completion_tokens, u.reasoning_tokens, u.cached_tokens)
     if kind == "error":
         e = event.error
-        return StreamError(e.code, e.message, e.retryable)
+        return StreamError(e.code, e.message, e.retryable, e.field)
     raise ValueError("empty ChatEvent (newer server? upgrade qwen-serve-client)")
 
 

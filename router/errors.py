@@ -1,6 +1,7 @@
 """The one place where failures become gRPC statuses.
 
-A RequestError becomes its own code with the field in the message and, for
+A RequestError becomes its own code with the field in the message and in a
+``google.rpc.BadRequest`` detail (also for errors the worker found) and, for
 RESOURCE_EXHAUSTED/UNAVAILABLE, a ``google.rpc.RetryInfo`` detail plus a
 ``retry-after-ms`` trailer for clients that do not read rich details.
 """
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 def from_event(event: pb.ChatEvent) -> RequestError:
     """The RequestError an Error event stands for (used before acceptance)."""
     error = event.error
-    return RequestError(error.code, "", error.message, retryable=error.retryable)
+    message = error.message.removeprefix(f"{error.field}: ") if error.field else error.message
+    return RequestError(error.code, error.field, message, retryable=error.retryable)
 
 
 def to_status(exc: RequestError) -> grpc.Status:

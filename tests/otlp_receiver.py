@@ -52,6 +52,8 @@ class ReceivedSpan:
     status_message: str
     links: list[tuple[str, str]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    start_unix_ns: int = 0
+    end_unix_ns: int = 0
 
     @property
     def is_error(self) -> bool:
@@ -73,6 +75,8 @@ class ReceivedSpan:
             status_message=span.status.message,
             links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
             events=[event.name for event in span.events],
+            start_unix_ns=span.start_time_unix_nano,
+            end_unix_ns=span.end_time_unix_nano,
         )
 
 

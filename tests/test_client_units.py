@@ -192,12 +192,19 @@ def test_error_event_is_typed_and_raised_on_demand() -> None:
         "code": 14,
         "message": "worker lost",
         "retryable": True,
+        "field": "",
         "status": "UNAVAILABLE",
     }
     result = accumulate([Started("req_1", "", "m"), event])
     with pytest.raises(Exception, match="worker lost") as info:
         result.raise_for_error()
     assert info.value.retryable  # type: ignore[attr-defined]
+    bad = pb.Error(code=3, message="images[0]: not an image", field="images[0]")
+    typed = from_proto(pb.ChatEvent(error=bad))
+    assert isinstance(typed, StreamError) and typed.field == "images[0]"
+    with pytest.raises(Exception, match="not an image") as info:
+        accumulate([Started("req_2", "", "m"), typed]).raise_for_error()
+    assert info.value.field == "images[0]"  # type: ignore[attr-defined]
 
 
 def test_retry_policy_honours_the_server_hint_within_bounds() -> None:

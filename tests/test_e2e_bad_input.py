@@ -10,6 +10,7 @@ import pytest
 from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve_client.errors import bad_field
 from tests.conftest import Stack
 from tests.helpers import chat, collect, status_of, user
 
@@ -107,6 +108,9 @@ async def test_bad_token_id_in_generate(stub: serve_pb2_grpc.InferenceStub) -> N
     error = await status_of(stub, request)  # type: ignore[arg-type]
     assert error.code() == INVALID
     assert "token_ids" in (error.details() or "")
+    # Found by the worker, yet machine-readable like the router's own checks.
+    assert bad_field(error) == "token_ids"
+    assert (error.details() or "").count("token_ids") == 1
 
 
 async def _status_from_lone_router(
@@ -131,7 +135,7 @@ async def test_one_token_prompt_is_refused_not_fatal(stub: serve_pb2_grpc.Infere
     )
     error = await status_of(stub, request)  # type: ignore[arg-type]
     assert error.code() == INVALID
-    assert "token_ids" in (error.details() or "")
+    assert bad_field(error) == "token_ids"
     assert (await collect(stub, chat(max_tokens=2))).of("usage")
 
 

@@ -59,7 +59,8 @@ class EngineLike(Protocol):
 def error_event(exc: RequestError) -> pb.ChatEvent:
     """The terminal Error event for ``exc`` (recorded on the current job's span)."""
     observability.failed(exc)
-    return pb.ChatEvent(error=pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable))
+    error = pb.Error(code=exc.code, message=exc.detail, retryable=exc.retryable, field=exc.field)
+    return pb.ChatEvent(error=error)
 
 
 def _settle(task: asyncio.Future[Any]) -> None:
