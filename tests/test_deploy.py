@@ -152,12 +152,67 @@ def pod_labels(docs: list[Doc], kind: str, name: str) -> dict[str, str]:
     return one(docs, kind, name)["spec"]["template"]["metadata"]["labels"]  # type: ignore[no-any-return]
 
 
+def named_ports(box: Doc) -> dict[str, int]:
+    """A container's ports by name."""
+    return {p["name"]: p["containerPort"] for p in box.get("ports", []) if "name" in p}
+
+
+def ingress_rules(docs: list[Doc], labels: dict[str, str]) -> list[Doc]:
+    """Ingress rules of the NetworkPolicies selecting pods with ``labels`` (deny-all aside)."""
+    return [
+        rule
+        for policy in docs
+        if policy["kind"] == "NetworkPolicy"
+        and policy["spec"]["podSelector"]
+        and selects(policy["spec"]["podSelector"], labels)
+        for rule in policy["spec"].get("ingress", [])
+    ]
+
+
+def rule_ports(rule: Doc) -> set[int]:
+    """TCP ports a NetworkPolicy rule opens."""
+    return {p["port"] for p in rule["ports"] if p.get("protocol", "TCP") == "TCP"}
+
+
+def component_overlay(tmp_path: Path, components: list[str], name: str = "overlay") -> Path:
+    """An overlay of the base with ``components`` (k8s/components/<name>), in its namespace."""
+    overlay = tmp_path / name
+    overlay.mkdir()
+    rel = os.path.relpath(K8S, overlay)
+    listed = ", ".join(f"{rel}/components/{c}" for c in components)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"namespace: qwen-serve-test\nresources: [{rel}/base]\ncomponents: [{listed}]\n"
+    )
+    tool("kubectl")
+    return overlay
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration (1m30s, 500ms...) in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    parts = re.findall(r"(\d+)(ms|[smhdwy])", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+# Seconds a process needs after its drain grace to stop: the router closes Redis and
+# exits; the worker aborts leftovers, flushes replies, leaves Redis and shuts the engine
+# down (engine core and tensor-parallel processes).
+SHUTDOWN_MARGIN_S = {"qwen-serve-router": 10, "qwen-serve-worker": 30}
+METRICS_PORT = 9400
+PROMETHEUS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+
+
 # ----------------------------------------------------------------------------- Kubernetes
 
 
 @pytest.mark.parametrize("target", k8s_check.TARGETS)
 def test_every_target_validates_strictly(rendered: dict[str, list[Doc]], target: str) -> None:
-    """kubernetes-validate --strict (two versions) and our KEDA schemas: no problem."""
+    """kubernetes-validate --strict (two versions) and our custom-kind schemas: no problem."""
     docs = rendered[target]
     assert docs
     assert k8s_check.validate(docs) == []
@@ -167,7 +222,7 @@ def test_every_target_validates_strictly(rendered: dict[str, list[Doc]], target:
 def test_every_target_keeps_the_deployment_rules(
     rendered: dict[str, list[Doc]], target: str
 ) -> None:
-    """Requests and limits everywhere, no privileged/host access, probes, grace = drain."""
+    """Requests and limits everywhere, no privileged/host access, probes, grace > drain."""
     assert k8s_check.policy_problems(rendered[target]) == []
 
 
@@ -179,9 +234,12 @@ def test_policy_check_catches_violations(prod: list[Doc]) -> None:
     spec["containers"][0]["securityContext"]["privileged"] = True
     spec["terminationGracePeriodSeconds"] = 30
     del spec["containers"][0]["resources"]["limits"]["memory"]
+    router = pod_spec(broken, "Deployment", "qwen-serve-router")
+    router["terminationGracePeriodSeconds"] = 30  # == its drain grace: no shutdown margin
     problems = "\n".join(k8s_check.policy_problems(broken))
     for expected in ("hostPath", "privileged", "QS_DRAIN_GRACE_S", "no memory in resources.limits"):
         assert expected in problems
+    assert "qwen-serve-router: terminationGracePeriodSeconds 30 < QS_DRAIN_GRACE_S 30" in problems
 
 
 def test_keda_schema_rejects_unknown_fields(prod: list[Doc]) -> None:
@@ -312,12 +370,20 @@ def test_router_service_hpa_and_pdbs(prod: list[Doc]) -> None:
 
 
 @pytest.mark.parametrize("overlay", ["overlays/rocm-prod", "overlays/cpu-dev"])
-def test_grace_period_equals_drain_grace(rendered: dict[str, list[Doc]], overlay: str) -> None:
-    """terminationGracePeriodSeconds == QS_DRAIN_GRACE_S for router and worker."""
+def test_grace_period_covers_drain_and_shutdown(
+    rendered: dict[str, list[Doc]], overlay: str
+) -> None:
+    """terminationGracePeriodSeconds >= QS_DRAIN_GRACE_S + the process's shutdown margin.
+
+    A full drain uses the whole drain grace; what the process does after it (the worker
+    shuts a tensor-parallel engine down) must fit before the kubelet's SIGKILL.
+    """
     docs = rendered[overlay]
-    for name in ("qwen-serve-router", "qwen-serve-worker"):
+    for name, margin in SHUTDOWN_MARGIN_S.items():
         grace = pod_spec(docs, "Deployment", name)["terminationGracePeriodSeconds"]
-        assert float(literal_env(docs, name)["QS_DRAIN_GRACE_S"]) == grace > 0
+        drain = float(literal_env(docs, name)["QS_DRAIN_GRACE_S"])
+        assert drain > 0 and grace >= drain + margin, (name, grace, drain)
+    assert min(SHUTDOWN_MARGIN_S.values()) >= k8s_check.SHUTDOWN_MARGIN_S
 
 
 def test_only_routers_workers_and_keda_reach_redis(prod: list[Doc]) -> None:
@@ -424,6 +490,223 @@ def test_external_redis_component(tmp_path: Path) -> None:
     for name in ("qwen-serve-router", "qwen-serve-worker"):
         url = next(v for v in container(docs, name)["env"] if v["name"] == "REDIS_URL")
         assert url == {"name": "REDIS_URL", "valueFrom": from_secret}
+
+
+@pytest.mark.parametrize("overlay", ["overlays/rocm-prod", "overlays/cpu-dev"])
+def test_routers_and_workers_serve_metrics(rendered: dict[str, list[Doc]], overlay: str) -> None:
+    """QS_METRICS_PORT is set and is the container port `metrics` of router and worker."""
+    from qwen_serve.settings import RouterSettings, WorkerSettings
+
+    docs = rendered[overlay]
+    for name, model in (
+        ("qwen-serve-router", RouterSettings),
+        ("qwen-serve-worker", WorkerSettings),
+    ):
+        value = literal_env(docs, name)["QS_METRICS_PORT"]
+        assert model.model_validate({"metrics_port": value}).metrics_port == METRICS_PORT
+        ports = named_ports(container(docs, name))
+        assert ports["metrics"] == METRICS_PORT
+        assert len(set(ports.values())) == len(ports), ports
+
+
+def test_only_prometheus_reaches_the_metrics_port(prod: list[Doc]) -> None:
+    """Ingress to 9400 only from Prometheus (namespace monitoring); workers take nothing else."""
+    router = ingress_rules(prod, pod_labels(prod, "Deployment", "qwen-serve-router"))
+    worker = ingress_rules(prod, pod_labels(prod, "Deployment", "qwen-serve-worker"))
+    for rules in (router, worker):
+        to_metrics = [r for r in rules if METRICS_PORT in rule_ports(r)]
+        assert to_metrics and all(r["from"] == [PROMETHEUS] for r in to_metrics), to_metrics
+    assert worker == [{"from": [PROMETHEUS], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]}]
+    assert [rule_ports(r) for r in router if "from" not in r] == [{50051}]
+    others = [pod_labels(prod, "StatefulSet", "qwen-serve-redis")]
+    others.append(pod_labels(prod, "Deployment", "qwen-serve-otel-collector"))
+    for labels in others:
+        assert all(PROMETHEUS not in r.get("from", []) for r in ingress_rules(prod, labels))
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The base with the keda and prometheus components."""
+    overlay = component_overlay(tmp_path_factory.mktemp("monitored"), ["keda", "prometheus"])
+    docs: list[Doc] = k8s_check.render(overlay)
+    return docs
+
+
+def test_prometheus_component_scrapes_routers_and_workers(monitored: list[Doc]) -> None:
+    """PodMonitors select each kind's pods and scrape its `metrics` port; all validates."""
+    assert k8s_check.validate(monitored) == []
+    assert k8s_check.policy_problems(monitored) == []
+    kinds = ("router", "worker")
+    for kind, other in (kinds, kinds[::-1]):
+        name = f"qwen-serve-{kind}"
+        monitor = one(monitored, "PodMonitor", name)
+        deployment = one(monitored, "Deployment", name)
+        spec = monitor["spec"]
+        assert selects(spec["selector"], pod_labels(monitored, "Deployment", name))
+        assert not selects(
+            spec["selector"], pod_labels(monitored, "Deployment", f"qwen-serve-{other}")
+        )
+        # No namespaceSelector: the pods are looked for in the PodMonitor's own namespace.
+        assert "namespaceSelector" not in spec
+        assert monitor["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+        [endpoint] = spec["podMetricsEndpoints"]
+        port = named_ports(container(monitored, name))[endpoint["port"]]
+        assert port == int(literal_env(monitored, name)["QS_METRICS_PORT"]) == METRICS_PORT
+        assert endpoint["path"] == "/metrics"
+        assert seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
+
+
+def test_prometheus_component_ships_the_dashboard(monitored: list[Doc]) -> None:
+    """The dashboard ConfigMap: fixed name, the sidecar's label, the one JSON file verbatim."""
+    source = K8S / "dashboards" / "qwen-serve.json"
+    dashboard = one(monitored, "ConfigMap", "qwen-serve-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == "qwen-serve-test"
+    assert dashboard["data"] == {"qwen-serve.json": source.read_text()}
+    assert json.loads(dashboard["data"]["qwen-serve.json"])["uid"] == "qwen-serve"
+    copies = [p for p in K8S.rglob("*.json") if '"schemaVersion"' in p.read_text()]
+    assert copies == [source], "one source of the dashboard"
+
+
+def test_podmonitor_schema_rejects_unknown_fields(monitored: list[Doc]) -> None:
+    """The PodMonitor is checked by a schema in k8s/schemas, and that schema is strict."""
+    monitor = one(monitored, "PodMonitor", "qwen-serve-worker")
+    assert k8s_check.custom_schema_path(monitor).is_file()
+    assert k8s_check.validate_custom(monitor) == []
+    for path, key, value in (
+        ((), "podMetricEndpoints", []),
+        (("podMetricsEndpoints", 0), "interval", "15 seconds"),
+        (("podMetricsEndpoints", 0), "scheme", "tcp"),
+        (("podMetricsEndpoints", 0), "metricsPath", "/metrics"),
+        (("selector",), "matchLabel", {}),
+    ):
+        broken = json.loads(json.dumps(monitor))
+        node = broken["spec"]
+        for step in path:
+            node = node[step]
+        node[key] = value
+        assert k8s_check.validate_custom(broken), (path, key)
+    del broken["spec"]["selector"]
+    assert "selector" in "".join(k8s_check.validate_custom(broken))
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The base with the tls component."""
+    docs: list[Doc] = k8s_check.render(component_overlay(tmp_path_factory.mktemp("tls"), ["tls"]))
+    return docs
+
+
+def test_tls_component_probes_the_plaintext_health_port(tls: list[Doc]) -> None:
+    """TLS from the Secret; probes on QS_HEALTH_LISTEN's port with the base's services."""
+    from qwen_serve.settings import RouterSettings
+    from router.health import INFERENCE, LIVENESS
+
+    assert k8s_check.validate(tls) == []
+    assert k8s_check.policy_problems(tls) == []
+    box = container(tls, "qwen-serve-router")
+    env = literal_env(tls, "qwen-serve-router")
+    ports = named_ports(box)
+    health = int(env["QS_HEALTH_LISTEN"].rsplit(":", 1)[1])
+    assert ports["health"] == health != ports["grpc"] == 50051
+    assert env["QS_LISTEN"].endswith(f":{ports['grpc']}")
+    assert box["startupProbe"]["grpc"] == {"port": health, "service": LIVENESS}
+    assert box["livenessProbe"]["grpc"] == {"port": health, "service": LIVENESS}
+    assert box["readinessProbe"]["grpc"] == {"port": health, "service": INFERENCE}
+    # The certificate and key are the kubernetes.io/tls keys of the mounted Secret.
+    volumes = {v["name"]: v for v in pod_spec(tls, "Deployment", "qwen-serve-router")["volumes"]}
+    mounts = {m["name"]: m for m in box["volumeMounts"]}
+    assert volumes["tls"]["secret"]["secretName"] == "qwen-serve-router-tls"
+    assert mounts["tls"]["readOnly"] is True
+    assert env["QS_TLS_CERT_FILE"] == f"{mounts['tls']['mountPath']}/tls.crt"
+    assert env["QS_TLS_KEY_FILE"] == f"{mounts['tls']['mountPath']}/tls.key"
+    assert volumes["tls"]["secret"]["defaultMode"] == 0o440
+    # Nothing else changes: the Service still speaks to the gRPC port, metrics stay.
+    service = one(tls, "Service", "qwen-serve-router")
+    assert service["spec"]["ports"][0]["targetPort"] == "grpc"
+    assert ports["metrics"] == METRICS_PORT
+    names = {n for n in env if n.startswith("QS_")}
+    assert names <= {f"QS_{f.upper()}" for f in RouterSettings.model_fields} | {
+        "QS_LOG_LEVEL",
+        "QS_REDIS_ADDRESS",
+    }
+
+
+def test_tls_component_lets_the_kubelet_reach_the_health_port(tls: list[Doc]) -> None:
+    """Probes come from the node: the health port is open to every source, like 50051."""
+    health = named_ports(container(tls, "qwen-serve-router"))["health"]
+    rules = ingress_rules(tls, pod_labels(tls, "Deployment", "qwen-serve-router"))
+    assert [r for r in rules if "from" not in r and health in rule_ports(r)]
+    # The worker's and Redis's policies are unchanged by it.
+    worker = ingress_rules(tls, pod_labels(tls, "Deployment", "qwen-serve-worker"))
+    assert all(rule_ports(r) == {METRICS_PORT} for r in worker)
+
+
+def test_tls_and_mtls_settings_load_the_mounted_files(tmp_path: Path) -> None:
+    """The router's own credentials code accepts the env of the manifests on Secret files."""
+    from qwen_serve.settings import RouterSettings
+    from router import security
+    from tests.security_support import make_pki
+
+    overlay = component_overlay(tmp_path, ["tls", "mtls"])
+    docs = k8s_check.render(overlay)
+    assert k8s_check.validate(docs) == []
+    box = container(docs, "qwen-serve-router")
+    pki = make_pki(tmp_path)
+    volumes = {
+        v["name"]: v["secret"]
+        for v in pod_spec(docs, "Deployment", "qwen-serve-router")["volumes"]
+        if "secret" in v
+    }
+    assert volumes["client-ca"]["secretName"] == "qwen-serve-router-client-ca"
+    # Lay the Secrets out as the kubelet mounts them: one file per key under the mountPath.
+    contents = {
+        "tls": {"tls.crt": "server.crt", "tls.key": "server.key"},
+        "client-ca": {"ca.crt": "ca.crt"},
+    }
+    root = tmp_path / "mounts"
+    for mount in box["volumeMounts"]:
+        if mount["name"] in contents:
+            where = root / mount["mountPath"].lstrip("/")
+            where.mkdir(parents=True)
+            for key, source in contents[mount["name"]].items():
+                (where / key).write_bytes(pki.pem(source))
+    env = {
+        k: str(root / v.lstrip("/")) if k.endswith("_FILE") else v
+        for k, v in literal_env(docs, "qwen-serve-router").items()
+        if k.startswith("QS_TLS_")
+    }
+    assert set(env) == {"QS_TLS_CERT_FILE", "QS_TLS_KEY_FILE", "QS_TLS_CLIENT_CA_FILE"}
+    settings = RouterSettings.model_validate(
+        {k.removeprefix("QS_").lower(): v for k, v in env.items()}
+    )
+    assert security.server_credentials(settings) is not None
+    without_ca = settings.model_copy(update={"tls_client_ca_file": None})
+    assert security.server_credentials(without_ca) is not None
+
+
+def test_all_components_together(tmp_path: Path) -> None:
+    """Every component on the base at once: valid, rules kept, yamllint clean."""
+    overlay = component_overlay(
+        tmp_path, ["keda", "prometheus", "tls", "mtls", "external-redis"], "everything"
+    )
+    docs = k8s_check.render(overlay)
+    assert k8s_check.validate(docs) == []
+    assert k8s_check.policy_problems(docs) == []
+    assert {"PodMonitor", "ScaledObject", "TriggerAuthentication"} <= {d["kind"] for d in docs}
+    # Lint as rendered, except the dashboard's ConfigMap: its data is the JSON file, whose
+    # PromQL strings make lines longer than yamllint's limit.
+    rendered = k8s_check.render_text(overlay).split("\n---\n")
+    kept = [text for text in rendered if "name: qwen-serve-dashboard\n" not in text]
+    assert len(kept) == len(rendered) - 1
+    out = tmp_path / "everything.yaml"
+    out.write_text("\n---\n".join(kept))
+    yamllint = tool("yamllint")
+    config = str(K8S / ".yamllint.yaml")
+    result = subprocess.run(
+        [yamllint, "--strict", "-c", config, str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
 
 
 def test_otel_collector_config_is_consistent(prod: list[Doc]) -> None:
