@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import FAILED_PRECONDITION, RequestError
 from worker.events import RequestStream
 
@@ -42,13 +43,16 @@ def apply(
     stream: RequestStream,
     delivered: list[int],
     tokenizer: TokenizerLike,
-) -> None:
-    """Turn a prepared request into the continuation after ``delivered`` tokens."""
+) -> bool:
+    """Turn a prepared request into the continuation after ``delivered`` tokens.
+
+    Returns False when the earlier attempt already delivered all ``max_tokens``
+    (its worker died before sending Finished): nothing is left to generate, and
+    :func:`finish_exhausted` gives the events that end the stream.
+    """
     if params.n != 1:
         raise RequestError(FAILED_PRECONDITION, "", "only single-choice streams can be continued")
     remaining = (params.max_tokens or 0) - len(delivered)
-    if params.max_tokens is not None and remaining < 1:
-        raise RequestError(FAILED_PRECONDITION, "", "nothing is left to generate")
     prompt_ids = list(prompt["prompt_token_ids"])
     choice = stream.choices[0]
     logprobs, choice.top_logprobs = choice.top_logprobs, None
@@ -58,7 +62,26 @@ def apply(
     choice.top_logprobs = logprobs
     prompt["prompt_token_ids"] = prompt_ids + list(delivered)
     stream.continued_tokens = len(delivered)
+    if params.max_tokens is not None and remaining < 1:
+        return False
     if params.max_tokens is not None:
         params.max_tokens = remaining
     if params.min_tokens:
         params.min_tokens = max(0, params.min_tokens - len(delivered))
+    return True
+
+
+@dataclass
+class _FinalOutput:
+    """A RequestOutput stand-in: the length limit reached with no new token."""
+
+    prompt_token_ids: list[int]
+    outputs: list[_Replayed]
+    num_cached_tokens: int = 0
+
+
+def finish_exhausted(prompt: dict[str, Any], stream: RequestStream) -> list[pb.ChatEvent]:
+    """Finished (LENGTH) and Usage for a continuation with nothing left to generate."""
+    last = _Replayed(text="", token_ids=[], finish_reason="length")
+    events = stream.feed(_FinalOutput(list(prompt["prompt_token_ids"]), [last]))
+    return events + stream.close()

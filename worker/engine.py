@@ -61,6 +61,8 @@ class Prepared:
     prompt_field: str
     structured_field: str | None
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    exhausted: bool = False
+    """A continuation whose earlier attempt delivered every token: nothing to generate."""
 
 
 class Engine:
@@ -178,6 +180,10 @@ class Engine:
         prepared = await self._prepare(job)
         if not await wanted:
             return
+        if prepared.exhausted:
+            for event in continuation.finish_exhausted(prepared.prompt, prepared.stream):
+                yield event
+            return
         stream = self._llm.generate(
             prepared.prompt,
             prepared.params,
@@ -210,7 +216,7 @@ class Engine:
         else:
             raise invalid("request", "the job carries no request")
         if job.continuation_token_ids:
-            continuation.apply(
+            prepared.exhausted = not continuation.apply(
                 prepared.prompt,
                 prepared.params,
                 prepared.stream,
