@@ -20,6 +20,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,7 @@ def ttft_run(versions: dict[str, Path | None], quick: bool) -> dict[str, Any]:
             for c, n in sorted(requests.items()):
                 prompts = engine_path.make_prompts(n, seed=100 * r + c)
                 for name in names if (r + c) % 2 else reversed(names):
+                    time.sleep(engine_path.IDLE_SPIN_S)
                     procs = stacks[name]
                     pids = {p: procs[p].popen.pid for p in ("router", "redis", "worker")}
                     with watching(pids) as watch:

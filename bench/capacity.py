@@ -118,7 +118,7 @@ def run_level(
         else {name: p.popen.pid for name, p in cap.procs.items() if name != "bare"}
     )
     args = client_args(target, streams, config.duration_s, out, data)
-    client = subprocess.Popen(args, env=stack.bench_env())
+    client = subprocess.Popen(stack.client_command(args), env=stack.bench_env())
     with watching({**pids, "client": client.pid}) as watch:
         client.wait()
     if client.returncode:

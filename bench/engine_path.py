@@ -38,6 +38,13 @@ logger = logging.getLogger(__name__)
 PROMPT_LEN = 32
 VOCAB_LOW, VOCAB_HIGH = 100, 2900
 DEFAULT_SMG_PYTHON = devstack.CACHE / "smg-venv" / "bin" / "python"
+IDLE_SPIN_S = 2.0
+"""Pause before each measured run. vLLM's CPU model runner busy-waits for 1 s after
+its last step (``shm_broadcast``'s ``busy_loop_s``), and every engine here is bound
+to core 0: without the pause the engine measured second shares its core with the
+spin of the one measured first."""
+SETTLE_S = 5.0
+"""Quiet time after the warm-ups, so a server's start-up work ends before measuring."""
 ENGINE_GIB = 5.5
 """Memory one cpu-tiny engine stack takes here (2 GiB KV cache + worker + EngineCore)."""
 
@@ -55,7 +62,7 @@ class Workload:
         """The full or the --quick workload."""
         if quick:
             return cls({1: 4, 8: 16, 32: 32}, max_tokens=32, warmup=2)
-        return cls({1: 16, 8: 48, 32: 96}, max_tokens=64)
+        return cls({1: 32, 8: 64, 32: 192}, max_tokens=64)
 
 
 def make_prompts(count: int, seed: int) -> list[list[int]]:
@@ -93,7 +100,7 @@ def _loadgen(target: str, call: str, bodies: list[dict[str, Any]], c: int, work:
         *("-c", str(c), "-n", str(len(bodies)), "-t", "600s", "-O", "json", "-o", str(out)),
         *("--no-progress", target),
     ]
-    subprocess.run(args, check=True, env=stack.bench_env())
+    subprocess.run(stack.client_command(args), check=True, env=stack.bench_env())
     return json.loads(out.read_text())
 
 
@@ -137,7 +144,7 @@ def openai_runner(base_url: str, model: str, work: Path) -> Callable[..., dict[s
             "bench.http_load", "--url", base_url, "-D", str(data), "-c", str(c)
         )
         args += ["-n", str(len(prompts)), "-o", str(out)]
-        subprocess.run(args, check=True, env=stack.bench_env())
+        subprocess.run(stack.client_command(args), check=True, env=stack.bench_env())
         return json.loads(out.read_text())  # type: ignore[no-any-return]
 
     return run
@@ -297,6 +304,7 @@ def run_phase(ours: System, other: System, workload: Workload, rows: list[dict[s
     for level, (c, n) in enumerate(sorted(workload.requests.items())):
         prompts = make_prompts(n, seed=c)
         for s in (ours, other) if level % 2 == 0 else (other, ours):
+            time.sleep(IDLE_SPIN_S)
             logger.info("(%s) concurrency %d, %d requests", s.key, c, n)
             document, usage, wall = s.run(prompts, c, workload.max_tokens, f"{other.key}{c}")
             rows.append(summarise(s.key, other.key, c, document, usage, wall))
@@ -332,9 +340,9 @@ def run(quick: bool, smg_python: str | None = None) -> dict[str, Any]:
             try:
                 ours.wait()
                 other.wait()
-                warm_up(other, workload)
-                if not rows:
-                    warm_up(ours, workload)
+                for system in (other, ours):
+                    warm_up(system, workload)
+                time.sleep(SETTLE_S)
                 run_phase(ours, other, workload, rows)
             finally:
                 other.stop()

@@ -190,3 +190,18 @@ def wait_http(base_url: str, proc: Proc, timeout: float = devstack.WORKER_START_
 def bench_env() -> dict[str, str]:
     """Environment for client subprocesses (no proxies for loopback)."""
     return {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+CLIENT_NICE = -10
+
+
+def client_command(args: list[str]) -> list[str]:
+    """A load generator's command line, raised in CPU priority (``nice -n -10``).
+
+    On 2 cores a running engine keeps both busy (its processes busy-wait on each
+    other between steps), and a client of normal priority then reads its stream in
+    bursts, adding its own scheduling delay to every out-of-process system's time
+    to first token; the in-process floor (d) has no such client. Without the right
+    to raise priority, ``nice`` warns and runs the client unchanged.
+    """
+    return ["nice", "-n", str(CLIENT_NICE), *args]
