@@ -1,7 +1,7 @@
 """``python -m bench {engine,capacity,profile,before-after,render,all} [--quick]``: write docs.
 
-``all`` runs engine, capacity and profile (about 11 minutes on 2 cores; ``--quick``
-about 5); ``before-after --against REF`` (about 8 minutes) runs commit REF's router
+``all`` runs engine, capacity and profile (about 14 minutes on 2 cores; ``--quick``
+about 5); ``before-after --against REF`` (about 5 minutes) runs commit REF's router
 and worker beside this checkout's (router path at 1,000 streams, time to first token
 on the real engine).
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every

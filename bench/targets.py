@@ -104,3 +104,24 @@ def all_targets(engine: dict[str, Any], capacity: dict[str, Any]) -> list[Target
         router_share(capacity),
         router_memory(capacity),
     ]
+
+
+def ttft_beside_vllm_servers(engine: dict[str, Any]) -> list[str]:
+    """Context for the TTFT targets: (a) against (b) and (c), side by side in their phases."""
+    rows = engine.get("rows", [])
+    parts = []
+    for other, label in (("b", "vLLM's gRPC server"), ("c", "vLLM's OpenAI server")):
+        for c in (1, 8):
+            ours = _row(rows, system="a", phase=other, concurrency=c)
+            theirs = _row(rows, system=other, phase=other, concurrency=c)
+            if ours and theirs:
+                parts.append(
+                    f"{ours['ttft_p50_ms']:.1f} vs {theirs['ttft_p50_ms']:.1f} ms for {label} "
+                    f"at concurrency {c}"
+                )
+    if not parts:
+        return []
+    return [
+        "For scale, our TTFT p50 beside vLLM's own servers, which pay the same "
+        "out-of-process costs: " + "; ".join(parts) + "."
+    ]
