@@ -46,3 +46,42 @@ def test_nothing_left_to_generate_ends_with_length_and_full_usage(
     assert events[0].finished.reason == pb.FINISH_REASON_LENGTH
     usage = events[1].usage
     assert (usage.prompt_tokens, usage.completion_tokens) == (2, 3)
+
+
+def _first_attempt_text(tokenizer: object, prompt: list[int], generated: list[int]) -> str:
+    """What vLLM's incremental detokenizer streams for ``generated`` after ``prompt``."""
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(ids=prompt, skip_special_tokens=True)
+    backend = tokenizer._tokenizer  # type: ignore[attr-defined]
+    return "".join(stream.step(backend, t) or "" for t in generated)
+
+
+@pytest.mark.parametrize("cut", range(1, 8))
+def test_text_continues_exactly_across_an_invalid_utf8_boundary(
+    tokenizer: continuation.TokenizerLike, cut: int
+) -> None:
+    """Whatever text the new engine reports for its first tokens, the client's text is whole.
+
+    Byte tokens such as 94..98 decode to U+FFFD alone; a cut right after one once
+    made the continuation repeat the whole earlier text (vLLM's decoder, primed with
+    the extended prompt).
+    """
+    prompt = [11, 12, 13]
+    generated = [300, 301, 94, 95, 302, 96, 303, 97, 304, 305]
+    params, stream = _stream(max_tokens=len(generated))
+    first = _first_attempt_text(tokenizer, prompt, generated[:cut])
+    seen = {"prompt_token_ids": list(prompt)}
+    assert continuation.apply(seen, params, stream, generated[:cut], tokenizer)  # type: ignore[arg-type]
+    parts = [first]
+    for i, token in enumerate(generated[cut:], start=cut):
+        last = i == len(generated) - 1
+        output = continuation._Replayed(
+            text="WRONG",  # the engine's text is not used for a continuation
+            token_ids=[token],
+            finish_reason="length" if last else None,
+        )
+        for event in stream.feed(continuation._FinalOutput(seen["prompt_token_ids"], [output])):  # type: ignore[attr-defined]
+            if event.HasField("delta"):
+                parts.append(event.delta.content)
+    assert "".join(parts) == _first_attempt_text(tokenizer, prompt, generated)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -212,6 +212,8 @@ class ChoiceStream:
     token_ids: list[int] = field(default_factory=list)
     calls: dict[int, ToolCallState] = field(default_factory=dict)
     finished: bool = False
+    detokenize: Callable[[list[int]], str] | None = None
+    """Text of new token ids in place of the engine's (set for a continuation)."""
 
     def feed(self, output: OutputLike, prompt_token_ids: list[int] | None) -> list[pb.ChatEvent]:
         """Events for one delta output of this choice (a Delta and, at the end, Finished)."""
@@ -255,7 +257,8 @@ class ChoiceStream:
     def _delta(
         self, output: OutputLike, new_ids: list[int], prompt_ids: list[int] | None, done: bool
     ) -> pb.Delta | None:
-        message = self._parse(output.text, new_ids, prompt_ids, done)
+        text = output.text if self.detokenize is None else self.detokenize(new_ids)
+        message = self._parse(text, new_ids, prompt_ids, done)
         delta = pb.Delta(index=self.index, token_ids=new_ids)
         if message is not None:
             delta.reasoning = message.reasoning or ""
