@@ -65,7 +65,9 @@ def write_report() -> Path | None:
         "dead-lettered job). *Lost* counts streams that ended any other way, or complete "
         "streams with missing tokens; *duplicates* counts repeated Started events or extra "
         "tokens. Recovery is the time from the fault to the first successful request after it "
-        "(or to the takeover, for the queue scenarios).",
+        "(or to the takeover, for the queue scenarios). On 2 cores it varies by several "
+        "seconds from run to run: the replacement worker of the worker-kill scenario is "
+        "still starting its engine during the scenarios that follow.",
         "",
         "| scenario | sent | completed | failed (clear) | lost | duplicates | recovery |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
