@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("QS_CACHE_DIR", Path.home() / ".cache" / "qwen-serve"))
 TINY_MODEL_DIR = CACHE / "models" / "tiny-qwen3.5-moe"
 WORKER_START_TIMEOUT_S = 300.0
+KILL_WAIT_S = 60.0
 
 
 def free_port() -> int:
@@ -65,11 +66,15 @@ class Proc:
         return self.popen.returncode
 
     def kill(self) -> None:
-        """SIGKILL the process (and its process group: the engine's children)."""
+        """SIGKILL the process (and its process group: the engine's children).
+
+        Waits up to KILL_WAIT_S for it to be gone: tearing down a worker's
+        multi-GiB engine processes has taken more than 10 s on a stalled 2-core host.
+        """
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
+            self.popen.wait(KILL_WAIT_S)
 
     def tail(self, lines: int = 40) -> str:
         """The end of the log, for error messages."""
