@@ -34,7 +34,11 @@ RETRY_DELAY_S = 0.2
 class _Pending:
     stream: str
     events: list[pb.ChatEvent] = field(default_factory=list)
-    started: bool = False
+
+    @property
+    def starts(self) -> bool:
+        """Whether this batch opens the request's stream (Started is always put first)."""
+        return self.events[0].HasField("started")
 
 
 class ReplyWriter:
@@ -58,8 +62,6 @@ class ReplyWriter:
         A Started event also sets the request's started marker (same write).
         """
         pending = self._buffer.setdefault(request_id, _Pending(stream))
-        if event.HasField("started"):
-            pending.started = True
         if not (pending.events and merge_into(pending.events[-1], event)):
             pending.events.append(event)
         self._idle.clear()
@@ -99,7 +101,7 @@ class ReplyWriter:
             (p.stream, Reply(request_id=rid, events=p.events, worker_id=self.worker_id))
             for rid, p in batch.items()
         ]
-        started = [rid for rid, p in batch.items() if p.started]
+        started = [rid for rid, p in batch.items() if p.starts]
         self._discard = False
         while not self._discard:
             try:
