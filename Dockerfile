@@ -72,7 +72,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     QS_LISTEN="[::]:50051"
 USER 10001:10001
 WORKDIR /home/app
-EXPOSE 50051
+# gRPC; 8000 is the OpenAI-compatible HTTP API when QS_HTTP_LISTEN is set.
+EXPOSE 50051 8000
 # Kubernetes ignores HEALTHCHECK and uses its native gRPC probes (k8s/base/router.yaml).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "/usr/local/bin/qs-grpc-health", "--address", "127.0.0.1:50051", "--service", "liveness"]

@@ -1,9 +1,11 @@
-"""``python -m bench {engine,capacity,profile,before-after,render,all} [--quick]``: write docs.
+"""``python -m bench {engine,capacity,profile,before-after,http,render,all} [--quick]``: write docs.
 
+``gpu-import DIR --run NAME`` stores a GPU run's results (``bench/gpu/README.md``).
 ``all`` runs engine, capacity and profile (about 14 minutes on 2 cores; ``--quick``
 about 5); ``before-after --against REF`` (about 5 minutes) runs commit REF's router
 and worker beside this checkout's (router path at 1,000 streams, time to first token
-on the real engine).
+on the real engine); ``http`` (about 10 minutes) runs gRPC, our HTTP API (in the router
+and beside it) and vLLM's OpenAI server side by side, plus ``vllm bench serve``.
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
 command then re-renders ``docs/benchmarks.md`` and the plots from whatever
 results exist, so benchmarks can be re-run one at a time.
@@ -19,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import before_after, capacity, engine_path, profile, render
+from bench import before_after, capacity, engine_path, http_path, profile, render
+from bench.gpu import render as gpu_render
 
 logger = logging.getLogger("bench")
 
@@ -41,17 +44,37 @@ def save(name: str, result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """CLI."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    commands = ("engine", "capacity", "profile", "before-after", "render", "all")
+    commands = (
+        "engine",
+        "capacity",
+        "profile",
+        "before-after",
+        "http",
+        "render",
+        "all",
+        "gpu-import",
+    )
     parser.add_argument("command", choices=commands)
+    parser.add_argument("results", nargs="?", help="gpu-import: the GPU run's $OUT folder")
+    parser.add_argument("--run", help="gpu-import: the run's name (e.g. its date and commit)")
     parser.add_argument("--quick", action="store_true", help="small smoke run (a few minutes)")
     parser.add_argument("--smg-python", help="interpreter with smg-grpc-servicer for (b)")
     parser.add_argument(
         "--streams", type=int, default=1000, help="profile/before-after: concurrent streams"
     )
     parser.add_argument("--against", help="before-after: the earlier commit (any git ref)")
+    parser.add_argument("--rounds", type=int, help="http: rounds of every level (default 2)")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        help="http: run the prototype worker that claims N jobs beyond max_num_seqs",
+    )
     args = parser.parse_args(argv)
     if args.command == "before-after" and not args.against:
         parser.error("before-after needs --against REF (the commit to compare with)")
+    if args.command == "gpu-import" and not (args.results and args.run):
+        parser.error("gpu-import needs the results folder and --run NAME")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command in ("engine", "all"):
         save("engine_path", engine_path.run(args.quick, args.smg_python))
@@ -62,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         save("profile", profile.run(args.streams, seconds, DATA))
     if args.command == "before-after":  # ~8 min more, so not part of "all"
         save("before_after", before_after.run(args.against, args.quick, args.streams))
+    if args.command == "gpu-import":
+        DATA.mkdir(parents=True, exist_ok=True)
+        for path in gpu_render.import_run(Path(args.results), DATA, args.run):
+            logger.info("stored %s", path)
+    if args.command == "http":  # ~10 min more, so not part of "all"
+        name = "http_path_prefetch" if args.prefetch else "http_path"
+        save(name, http_path.run(args.quick, args.prefetch, args.rounds))
     out = render.render(DATA, DOCS)
     logger.info("wrote %s", out)
 

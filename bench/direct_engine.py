@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from loadtest import report
@@ -77,16 +78,20 @@ async def run_command(llm: Any, command: dict[str, Any], run_id: int) -> dict[st
     return report.build(options, run)
 
 
-async def serve() -> None:
-    """Start the engine, then answer commands from stdin until it closes."""
-    from vllm import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+async def serve(config: dict[str, Any] | None = None) -> None:
+    """Start the engine, then answer commands from stdin until it closes.
 
+    ``config`` holds ``engine_args`` (``AsyncEngineArgs`` keywords) and ``env``; by
+    default the cpu-tiny profile's (``bench.stack.engine_profile``).
+    """
     from bench.stack import engine_profile
+    from worker import vllm_boundary
 
-    resolved = engine_profile()
-    os.environ.update(resolved.env)
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**resolved.engine_args))
+    if config is None:
+        resolved = engine_profile()
+        config = {"engine_args": dict(resolved.engine_args), "env": dict(resolved.env)}
+    os.environ.update(config["env"])
+    llm = vllm_boundary.start_engine(config["engine_args"], ())
     loop = asyncio.get_running_loop()
     print(MARK + "ready", flush=True)
     try:
@@ -101,9 +106,13 @@ async def serve() -> None:
 
 
 def main() -> None:
-    """Entry point (the engine spawns processes: keep the main guard)."""
+    """Entry point (the engine spawns processes: keep the main guard).
+
+    An argument names a JSON file with ``engine_args`` and ``env`` (``bench.gpu``).
+    """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    asyncio.run(serve())
+    config = json.loads(Path(sys.argv[1]).read_text()) if len(sys.argv) > 1 else None
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from bench.http_load import completion_body
 from bench.procstats import watching
 from qwen_serve import devstack
 from qwen_serve.devstack import Proc
+from worker.profiles import ResolvedProfile
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class System:
     key: str
     label: str
     pids: dict[str, int] = field(default_factory=dict)
+    own_pids: dict[str, int] = field(default_factory=dict)
+    """Processes measured without their children (a worker without its EngineCore)."""
+    target: str = ""
+    """Where its clients connect (gRPC host:port or an HTTP base URL)."""
     runner: Callable[[list[list[int]], int, int, str], dict[str, Any]] | None = None
     reason: str = ""
     wait: Callable[[], object] = lambda: None
@@ -87,30 +92,39 @@ class System:
     def run(self, prompts: list[list[int]], concurrency: int, max_tokens: int, tag: str) -> Any:
         """Run the load and return (report, usage per process, wall seconds)."""
         assert self.runner is not None
-        with watching(self.pids) as watch:
+        with watching(self.pids) as watch, watching(self.own_pids, descendants=False) as own:
             document = self.runner(prompts, concurrency, max_tokens, tag)
-        return document, watch.usage, watch.wall_s
+        return document, {**watch.usage, **own.usage}, watch.wall_s
 
 
-def _loadgen(target: str, call: str, bodies: list[dict[str, Any]], c: int, work: Path) -> Any:
+def _loadgen(
+    target: str, call: str, bodies: list[dict[str, Any]], c: int, work: Path, procs: int = 1
+) -> Any:
     data, out = work / "data.json", work / "report.json"
     data.write_text(json.dumps(bodies))
     args = [
         *devstack.python_module("loadtest", "--insecure", "--call", call, "-D", str(data)),
         *("-c", str(c), "-n", str(len(bodies)), "-t", "600s", "-O", "json", "-o", str(out)),
+        *("--procs", str(procs), "--connections", str(max(1, c // 64))),
         *("--no-progress", target),
     ]
     subprocess.run(stack.client_command(args), check=True, env=stack.bench_env())
     return json.loads(out.read_text())
 
 
-def ours_runner(target: str, work: Path) -> Callable[..., dict[str, Any]]:
-    """(a): qwen_serve.api.v1.Inference/Generate with token ids."""
+def client_procs(c: int) -> int:
+    """Client processes for ``c`` streams: one per 64 (one Python client tops out first)."""
+    return max(1, min(8, c // 64))
+
+
+def ours_runner(target: str, work: Path, procs: int = 1) -> Callable[..., dict[str, Any]]:
+    """(a): qwen_serve.api.v1.Inference/Generate with token ids (``procs``: 0 scales with c)."""
 
     def run(prompts: list[list[int]], c: int, max_tokens: int, tag: str) -> dict[str, Any]:
         sampling = {"maxTokens": max_tokens, "temperature": 0, "ignoreEos": True}
         bodies = [{"tokenIds": {"ids": p}, "sampling": sampling} for p in prompts]
-        return _loadgen(target, "qwen_serve.api.v1.Inference/Generate", bodies, c, work)  # type: ignore[no-any-return]
+        call = "qwen_serve.api.v1.Inference/Generate"
+        return _loadgen(target, call, bodies, c, work, procs or client_procs(c))  # type: ignore[no-any-return]
 
     return run
 
@@ -134,8 +148,10 @@ def vllm_grpc_runner(target: str, work: Path) -> Callable[..., dict[str, Any]]:
     return run
 
 
-def openai_runner(base_url: str, model: str, work: Path) -> Callable[..., dict[str, Any]]:
-    """(c): /v1/completions streamed, through bench.http_load."""
+def openai_runner(
+    base_url: str, model: str, work: Path, procs: int = 1
+) -> Callable[..., dict[str, Any]]:
+    """(c): /v1/completions streamed, through bench.http_load (``procs``: 0 scales with c)."""
 
     def run(prompts: list[list[int]], c: int, max_tokens: int, tag: str) -> dict[str, Any]:
         data, out = work / "http-data.json", work / "http-report.json"
@@ -144,6 +160,7 @@ def openai_runner(base_url: str, model: str, work: Path) -> Callable[..., dict[s
             "bench.http_load", "--url", base_url, "-D", str(data), "-c", str(c)
         )
         args += ["-n", str(len(prompts)), "-o", str(out)]
+        args += ["--procs", str(procs or client_procs(c))]
         subprocess.run(stack.client_command(args), check=True, env=stack.bench_env())
         return json.loads(out.read_text())  # type: ignore[no-any-return]
 
@@ -217,20 +234,37 @@ def summarise(
 class Launcher:
     """Starts each system on the shared engine settings; each returns before it is ready."""
 
-    def __init__(self, log_dir: Path, smg_python: str) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        smg_python: str,
+        resolved: ResolvedProfile | None = None,
+        worker_flags: tuple[str, ...] = (),
+        router_flags: tuple[str, ...] = (),
+        client_procs: int = 1,
+        start_timeout_s: float = devstack.WORKER_START_TIMEOUT_S,
+    ) -> None:
         self.log_dir = log_dir
         self.smg_python = smg_python
-        self.resolved = stack.engine_profile()
+        self.resolved = resolved or stack.engine_profile()
+        self.worker_flags = worker_flags
+        self.router_flags = router_flags
+        self.client_procs = client_procs
+        """Load-generator processes per run; 0 scales them with concurrency."""
+        self.start_timeout_s = start_timeout_s
         self.work = Path(tempfile.mkdtemp(prefix="qs-bench-", dir=log_dir))
 
     def ours(self) -> System:
         """(a) redis-server + worker + router."""
-        procs = stack.start_our_stack(self.log_dir)
+        procs = stack.start_our_stack(
+            self.log_dir, self.router_flags, worker_flags=self.worker_flags
+        )
         target = stack.target_of(procs["router"])
-        system = System("a", "ours: router → Redis → worker → AsyncLLM")
-        system.runner = ours_runner(target, self.work)
+        system = System("a", "ours: router → Redis → worker → AsyncLLM", target=target)
+        system.runner = ours_runner(target, self.work, self.client_procs)
         system.pids = {n: procs[n].popen.pid for n in ("router", "redis", "worker")}
-        system.wait = lambda: stack.wait_grpc(target, procs["router"])
+        system.own_pids = {"worker-own": procs["worker"].popen.pid}
+        system.wait = lambda: stack.wait_grpc(target, procs["router"], self.start_timeout_s)
         system.stop = functools.partial(_stop_all, list(procs.values()))
         return system
 
@@ -252,17 +286,21 @@ class Launcher:
         proc = stack.start_vllm_openai(self.log_dir, self.resolved)
         model = self.resolved.served_model_name
         system = System("c", "vLLM OpenAI server")
-        system.runner = openai_runner(stack.target_of(proc), model, self.work)
+        system.runner = openai_runner(stack.target_of(proc), model, self.work, self.client_procs)
         system.pids = {"vllm-openai": proc.popen.pid}
-        system.wait = lambda: stack.wait_http(stack.target_of(proc), proc)
+        system.own_pids = {"vllm-openai-own": proc.popen.pid}
+        system.wait = lambda: stack.wait_http(stack.target_of(proc), proc, self.start_timeout_s)
         system.stop = functools.partial(_stop_all, [proc])
         return system
 
     def direct(self) -> System:
         """(d) AsyncLLM in a process of its own, driven over stdin."""
         log = (self.log_dir / "direct-engine.log").open("a")
+        config = self.work / "direct-engine.json"
+        engine = {"engine_args": dict(self.resolved.engine_args), "env": dict(self.resolved.env)}
+        config.write_text(json.dumps(engine))
         proc = subprocess.Popen(
-            devstack.python_module("bench.direct_engine"),
+            devstack.python_module("bench.direct_engine", str(config)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -272,6 +310,7 @@ class Launcher:
         )
         system = System("d", "AsyncLLM in-process (floor)", runner=direct_runner(proc))
         system.pids = {"direct": proc.pid}
+        system.own_pids = {"direct-own": proc.pid}
         system.wait = functools.partial(_read_marked, proc)
         system.stop = lambda: _stop_direct(proc)
         return system
@@ -356,7 +395,7 @@ def run(quick: bool, smg_python: str | None = None) -> dict[str, Any]:
             "prompt_tokens": PROMPT_LEN,
             "quick": quick,
         },
-        "engine_args": dict(launcher.resolved.engine_args),
+        "engine_args": stack.recorded_args(launcher.resolved),
         "engine_env": dict(launcher.resolved.env),
         "systems": systems,
         "rows": rows,

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loadtest import report
+from loadtest import multi, report
 from loadtest.options import Options
 from loadtest.runner import CallResult, RunResult
 from qwen_serve import aio
@@ -70,6 +73,32 @@ async def run(url: str, bodies: list[dict[str, Any]], concurrency: int, total: i
         return RunResult(results, time.monotonic_ns() - started)
 
 
+@dataclass(frozen=True)
+class Share:
+    """One client process's part of the load."""
+
+    url: str
+    bodies: list[dict[str, Any]]
+    concurrency: int
+    total: int
+
+
+def prepare(part: Share) -> Callable[[], Awaitable[RunResult]]:
+    """A child process's load (``loadtest.multi``)."""
+    return functools.partial(run, part.url, part.bodies, part.concurrency, part.total)
+
+
+def run_split(url: str, bodies: list[dict[str, Any]], c: int, total: int, procs: int) -> RunResult:
+    """The load over ``procs`` processes (one is not enough past a few thousand chunks/s)."""
+    if procs <= 1:
+        return aio.run(run(url, bodies, c, total))
+    shares = [
+        Share(url, bodies, max(1, multi.split(c, i, procs)), multi.split(total, i, procs))
+        for i in range(procs)
+    ]
+    return multi.run_processes(prepare, [s for s in shares if s.total])
+
+
 def completion_body(model: str, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
     """The /v1/completions request of one benchmark prompt (greedy, fixed length)."""
     return {
@@ -91,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-n", "--total", type=int, default=1)
     parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--procs", type=int, default=1, help="client processes sharing the load")
     args = parser.parse_args(argv)
     bodies = json.loads(Path(args.data_file).read_text())
-    result = aio.run(run(args.url, bodies, args.concurrency, args.total))
+    result = run_split(args.url, bodies, args.concurrency, args.total, args.procs)
     options = Options(
         host=args.url,
         call=f"POST {PATH}",

@@ -18,18 +18,18 @@ import psutil
 SAMPLE_S = 0.2
 
 
-def _tree(pid: int) -> list[psutil.Process]:
+def _tree(pid: int, descendants: bool = True) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)] if descendants else [root]
     except psutil.NoSuchProcess:
         return []
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of ``pid`` and its live descendants."""
+def tree_cpu_s(pid: int, descendants: bool = True) -> float:
+    """User plus system CPU seconds of ``pid`` and (unless told not) its live descendants."""
     total = 0.0
-    for proc in _tree(pid):
+    for proc in _tree(pid, descendants):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             times = proc.cpu_times()
             total += times.user + times.system
@@ -64,6 +64,8 @@ class Watch:
     """Samples the named process trees until stopped."""
 
     pids: Mapping[str, int]
+    descendants: bool = True
+    """False: each process alone (a worker without its EngineCore)."""
     usage: dict[str, Usage] = field(default_factory=dict)
     _cpu0: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -76,7 +78,7 @@ class Watch:
         for name, pid in self.pids.items():
             rss = tree_rss(pid)
             self.usage[name] = Usage(rss_start=rss, rss_peak=rss)
-            self._cpu0[name] = tree_cpu_s(pid)
+            self._cpu0[name] = tree_cpu_s(pid, self.descendants)
         self.started = time.monotonic()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -89,7 +91,7 @@ class Watch:
         for name, pid in self.pids.items():
             usage = self.usage[name]
             usage.rss_peak = max(usage.rss_peak, tree_rss(pid))
-            cpu = tree_cpu_s(pid)
+            cpu = tree_cpu_s(pid, self.descendants)
             if cpu:
                 usage.cpu_s = max(usage.cpu_s, cpu - self._cpu0[name])
 
@@ -104,9 +106,9 @@ class Watch:
 
 
 @contextlib.contextmanager
-def watching(pids: Mapping[str, int]) -> Iterator[Watch]:
+def watching(pids: Mapping[str, int], descendants: bool = True) -> Iterator[Watch]:
     """A started :class:`Watch`, stopped on exit."""
-    watch = Watch(dict(pids))
+    watch = Watch(dict(pids), descendants)
     watch.start()
     try:
         yield watch

@@ -8,9 +8,11 @@ flags for vLLM's own servers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -32,6 +34,21 @@ SMG_WARMUP_ENV = "SMG_VLLM_SERVICER_WARMUP"
 def engine_profile() -> ResolvedProfile:
     """The one engine configuration used by (a)-(d)."""
     return resolve("cpu-tiny", Overrides(model=str(devstack.TINY_MODEL_DIR)))
+
+
+def recorded_args(resolved: ResolvedProfile) -> dict[str, Any]:
+    """The engine arguments as a report records them: the home directory as ``~``.
+
+    Reports land in docs/, which must not name one machine's paths.
+    """
+    args = dict(resolved.engine_args)
+    args["model"] = home_as_tilde(str(args.get("model", "")))
+    return args
+
+
+def home_as_tilde(text: str) -> str:
+    """``text`` with this machine's home directory written ``~`` (for reports in docs/)."""
+    return text.replace(str(Path.home()) + os.sep, "~" + os.sep)
 
 
 def engine_env(resolved: ResolvedProfile) -> dict[str, str]:
@@ -56,18 +73,30 @@ def engine_flags(args: Mapping[str, Any]) -> list[str]:
 
 
 def start_our_stack(
-    log_dir: Path, router_flags: tuple[str, ...] = (), code: Path | None = None
+    log_dir: Path,
+    router_flags: tuple[str, ...] = (),
+    code: Path | None = None,
+    worker_flags: tuple[str, ...] = (),
+    worker_module: tuple[str, ...] = ("worker",),
 ) -> dict[str, Proc]:
-    """(a): redis-server, a worker with the cpu-tiny engine and a router.
+    """(a): redis-server, a worker (the cpu-tiny engine unless ``worker_flags`` say) and a router.
 
     ``code``: the checkout whose router and worker run (default: this one);
-    ``python -m bench before-after`` passes an older commit's.
+    ``python -m bench before-after`` passes an older commit's. ``worker_module``:
+    the worker's module and its first flags (a bench prototype may stand in).
     """
     redis, url = devstack.start_redis(log_dir)
     procs = {"redis": redis}
     name = f"worker-{redis.popen.pid}"
     procs["worker"] = devstack.start_worker(
-        url, log_dir, "--key-prefix", PREFIX, name=name, cwd=code
+        url,
+        log_dir,
+        "--key-prefix",
+        PREFIX,
+        *worker_flags,
+        name=name,
+        cwd=code,
+        module=worker_module,
     )
     port = devstack.free_port()
     procs["router"] = devstack.start_router(
@@ -169,6 +198,19 @@ def wait_grpc(target: str, proc: Proc, timeout: float = devstack.WORKER_START_TI
             raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
         time.sleep(0.5)
     raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s:\n{proc.tail()}")
+
+
+def wait_port(target: str, proc: Proc, timeout: float = 60.0) -> None:
+    """Wait until ``target`` (host:port) accepts TCP connections (servers without health)."""
+    host, _, port = target.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.5):
+            return
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{proc.name} not listening after {timeout:.0f} s:\n{proc.tail()}")
 
 
 def wait_http(base_url: str, proc: Proc, timeout: float = devstack.WORKER_START_TIMEOUT_S) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtest import report
+from loadtest import multi, report
 from loadtest.options import Options, OptionsError, parse_options
 from loadtest.progress import Progress
 from loadtest.reflect import resolve_at
@@ -28,8 +28,10 @@ async def run(options: Options, progress: Progress | None = None) -> dict[str, A
         min(options.timeout_s or 10, 10),
         reflect_metadata,
     )
-    runner = Runner(options, method, progress)
-    result = await runner.run()
+    if options.procs > 1:
+        result = await asyncio.to_thread(multi.run_grpc_processes, options)
+    else:
+        result = await Runner(options, method, progress).run()
     return report.build(options, result)
 
 

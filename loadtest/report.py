@@ -74,6 +74,7 @@ def _options(options: Options) -> dict[str, Any]:
         "concurrency": options.concurrency,
         "rps": options.rps,
         "connections": options.connections,
+        "procs": options.procs,
         "duration": int(options.duration_s * 1e9),
         "timeout": int(options.timeout_s * 1e9),
         "skipFirst": options.skip_first,

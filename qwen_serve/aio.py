@@ -1,13 +1,16 @@
-"""The event loop every qwen-serve process runs on."""
+"""The event loop every qwen-serve process runs on, and supervised background tasks."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+RESTART_DELAY_S = 0.5
 
 LOOP_ENV = "QS_EVENT_LOOP"
 """``uvloop`` (the default where installed) or ``asyncio``."""
@@ -27,3 +30,52 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         else:
             return uvloop.run(coro)
     return asyncio.run(coro)
+
+
+class Tasks:
+    """Background tasks of one object: tracked (never fire-and-forget) and cancelled together.
+
+    ``loop`` tasks are supervised: one that fails unexpectedly is logged and
+    started again, so a bug or a library error never silently ends a loop.
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background; a failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def loop(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``factory()`` forever, starting it again (after a pause) if it fails."""
+        self.spawn(self._supervise(name, factory))
+
+    async def _supervise(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        while True:
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s: %s loop failed; restarting it", self.owner, name)
+                await asyncio.sleep(RESTART_DELAY_S)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s: background task failed", self.owner, exc_info=task.exception())
+
+    async def cancel_all(self) -> None:
+        """Cancel every task and wait for them."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __len__(self) -> int:
+        return len(self._tasks)

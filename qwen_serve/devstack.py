@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -109,20 +110,36 @@ def spawn(
     return Proc(name, popen, log_path, args)
 
 
-def start_redis(log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
-    """A throw-away redis-server on a free port (no persistence)."""
+def start_redis(
+    log_dir: Path, port: int | None = None, *, aof: bool = False, extra: tuple[str, ...] = ()
+) -> tuple[Proc, str]:
+    """A throw-away redis-server on a free port.
+
+    No persistence, or with ``aof`` the append-only file in ``log_dir`` (fsync every
+    second, as the Kubernetes manifests run it): started again on the same port and
+    directory, it comes back with its data. ``extra``: more command-line options.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     port = port or free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = spawn(f"redis-{port}", [*args, "--dir", str(log_dir)], log_dir)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else ["--appendonly", "no"]
+    )
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
+    proc = spawn(f"redis-{port}", [*args, "--dir", str(log_dir), *extra], log_dir)
+    wait_port(port, proc)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def wait_port(port: int, proc: Proc, timeout: float = 10) -> None:
+    """Wait until ``proc`` accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.alive:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc, f"redis://127.0.0.1:{port}/0"
+            return
         time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not start:\n{proc.tail()}")
+    raise RuntimeError(f"{proc.name} did not start:\n{proc.tail()}")
 
 
 def python_module(module: str, *flags: str) -> list[str]:
@@ -137,11 +154,20 @@ def start_worker(
     name: str = "worker",
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    module: tuple[str, ...] = ("worker",),
 ) -> Proc:
-    """A worker process on the tiny model (cpu-tiny profile unless flags say otherwise)."""
-    args = python_module("worker", "--redis-url", redis_url, "--model", str(TINY_MODEL_DIR), *flags)
-    status = {"QS_STATUS_FILE": str(log_dir / f"{name}-status.json")}
-    return spawn(name, args, log_dir, {**status, **(env or {})}, cwd)
+    """A worker process on the tiny model (cpu-tiny profile unless flags say otherwise).
+
+    ``redis_url`` goes into the environment (REDIS_URL), not on the command line,
+    where a password would show in ``ps``. ``QS_DEVSTACK_WORKER_FLAGS`` adds flags to
+    every worker started here, before ``flags`` (the GPU run of the end-to-end tests
+    selects its profile with it). ``module``: the module to run and its first flags
+    (benchmarks run prototypes).
+    """
+    devstack_flags = shlex.split(os.environ.get("QS_DEVSTACK_WORKER_FLAGS", ""))
+    args = python_module(*module, "--model", str(TINY_MODEL_DIR), *devstack_flags, *flags)
+    extra = {"QS_STATUS_FILE": str(log_dir / f"{name}-status.json"), "REDIS_URL": redis_url}
+    return spawn(name, args, log_dir, {**extra, **(env or {})}, cwd)
 
 
 def start_router(
@@ -153,9 +179,12 @@ def start_router(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Proc:
-    """A router process listening on 127.0.0.1:``port`` (``env`` adds QS_* variables)."""
-    args = python_module("router", "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}")
-    return spawn(name, [*args, *flags], log_dir, env, cwd)
+    """A router process listening on 127.0.0.1:``port`` (``env`` adds QS_* variables).
+
+    ``redis_url`` goes into the environment (REDIS_URL), not on the command line.
+    """
+    args = python_module("router", "--listen", f"127.0.0.1:{port}")
+    return spawn(name, [*args, *flags], log_dir, {"REDIS_URL": redis_url, **(env or {})}, cwd)
 
 
 def health_status(

@@ -75,8 +75,9 @@ class RouterMetrics:
         kw: dict[str, Any] = {"registry": registry}
         self.requests = Counter(
             "qwen_serve_requests",
-            "Inference RPCs by method and final gRPC status code; a stream that ends with "
-            "an Error event counts with that event's code.",
+            "Inference calls by method (gRPC method, or HTTP route such as "
+            "'POST /v1/chat/completions') and final gRPC status code; a stream that ends "
+            "with an Error event counts with that event's code.",
             ["method", "code"],
             **kw,
         )

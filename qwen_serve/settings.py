@@ -1,33 +1,22 @@
 """Typed settings for the router and the worker, read once at start-up.
 
-Values come from flags (each entry point parses its own) and from
+Values come from flags (derived from these models by ``qwen_serve.flags``) and from
 environment variables with the ``QS_`` prefix; ``REDIS_URL`` is read as is.
 Nothing here is read at import time.
 """
 
 from __future__ import annotations
 
-import argparse
 import secrets
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def new_id(prefix: str) -> str:
     """An unguessable id such as ``router-3kq...``."""
     return f"{prefix}-{secrets.token_hex(6)}"
-
-
-def add_queue_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for the QueueSettings fields, shared by the router and worker command lines."""
-    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
-    parser.add_argument("--key-prefix", help="prefix of every Redis key")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: none)")
-    parser.add_argument("--redis-tls-ca-file", help="CA of Redis's certificate (rediss://)")
-    parser.add_argument("--redis-tls-cert-file", help="client certificate for Redis")
-    parser.add_argument("--redis-tls-key-file", help="key of --redis-tls-cert-file")
 
 
 class QueueSettings(BaseSettings):
@@ -38,7 +27,22 @@ class QueueSettings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("REDIS_URL", "QS_REDIS_URL"),
-        description="Redis URL (redis://, rediss:// or unix://).",
+        description="Redis URL: redis://, rediss://, unix://, or Sentinel as "
+        "redis+sentinel://[user:password@]host:port[,host:port...]/service[/db] "
+        "(rediss+sentinel:// for TLS).",
+    )
+    redis_sentinel_username: str | None = Field(
+        default=None, description="ACL user of the Sentinels (when they require one)."
+    )
+    redis_sentinel_password: str | None = Field(
+        default=None, description="Password of the Sentinels (when they require one)."
+    )
+    redis_outage_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Redis outages (restart, failover, pause) up to this long are ridden out: "
+        "streams wait and continue, new requests wait. Longer ones end open streams with a "
+        "retryable UNAVAILABLE.",
     )
     key_prefix: str = Field(default="qs", description="Prefix of every Redis key.")
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Heartbeat period.")
@@ -58,6 +62,11 @@ class QueueSettings(BaseSettings):
         ge=1,
         le=65535,
         description="Port of the Prometheus /metrics endpoint; unset: none.",
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0",
+        description="Address the /metrics endpoint binds: 0.0.0.0 (every IPv4 interface, for "
+        "a scraper in another pod), 127.0.0.1 (this host only), :: (IPv6) or one address.",
     )
     log_format: Literal["text", "json"] = Field(
         default="text",
@@ -86,6 +95,12 @@ class RouterSettings(QueueSettings):
     max_attempts: int = Field(
         default=3, ge=1, description="Workers one stream may be continued on after losses."
     )
+    abort_grace_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="After Abort, how long to wait for the running worker's own end of the "
+        "stream (with exact usage) before ending it here.",
+    )
     submit_batch_max: int = Field(default=256, ge=1, description="Jobs per pipelined write.")
     retry_after_ms: int = Field(default=500, ge=1, description="Retry hint when overloaded.")
     drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
@@ -110,23 +125,49 @@ class RouterSettings(QueueSettings):
         description="Extra plaintext address serving only grpc.health.v1, e.g. [::]:8081 "
         "(kubelet gRPC probes speak no TLS).",
     )
+    http_listen: str | None = Field(
+        default=None,
+        description="Address of the OpenAI-compatible HTTP API, e.g. [::]:8000 (TLS and API "
+        "keys as on the gRPC port). Unset: no HTTP listener.",
+    )
 
 
 class WorkerSettings(QueueSettings):
     """Settings of one worker process."""
 
     worker_id: str = Field(default_factory=lambda: new_id("worker"))
-    profile: str = Field(default="cpu-tiny", description="Engine profile: cpu-tiny or rocm-tp4.")
+    profile: str = Field(
+        default="cpu-tiny", description="Engine profile: cpu-tiny, rocm-tp4 or nvidia."
+    )
     model: str | None = Field(default=None, description="Model path; the profile's by default.")
     served_model_name: str | None = Field(default=None, description="Name clients send.")
     capacity: int | None = Field(
-        default=None, ge=1, description="Requests run at once; the engine's max_num_seqs."
+        default=None, ge=1, description="Requests run at once: the engine's max_num_seqs."
     )
-    max_model_len: int | None = Field(default=None, ge=16)
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length (prompt plus output tokens)."
+    )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, description="GPUs one engine spans (tensor parallelism)."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32", "half", "float"] | None = Field(
+        default=None, description="Weights and activations dtype (the CPU engine needs bfloat16)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Share of each GPU's memory the engine takes."
+    )
+    enforce_eager: bool | None = Field(
+        default=None, description="Eager mode: no torch.compile and no CUDA/HIP graphs."
+    )
     mtp_tokens: int | None = Field(
         default=None, ge=0, description="MTP speculative tokens; 0 turns it off."
     )
     kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU KV cache size (GiB).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any further vLLM AsyncEngineArgs fields, applied last; QS_ENGINE_ARGS "
+        "takes a JSON object. Checked against vLLM's fields and types at start.",
+    )
     structured_output_in_reasoning: bool | None = Field(
         default=None,
         description="Constrain reasoning too (vLLM enable_in_reasoning); unset: the profile's "
@@ -151,9 +192,16 @@ class WorkerSettings(QueueSettings):
     max_deliveries: int = Field(
         default=3, ge=1, description="Deliveries of an unstarted job before it is dead-lettered."
     )
-    status_file: str = Field(
-        default="/tmp/qwen-serve-worker.json",
-        description="Where the worker writes its liveness for `python -m worker.probe`.",
+    reclaim_unstarted_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A job a worker claimed but did not start within this long is taken over "
+        "by another worker, whatever the first one's heartbeat says.",
+    )
+    status_file: str | None = Field(
+        default=None,
+        description="Where the worker writes its liveness for `python -m worker.probe`; "
+        "unset: <tmp>/qwen-serve-workers/<worker_id>.json, one file per worker.",
     )
     coalesce_ms: float = Field(
         default=2.0,
@@ -161,6 +209,15 @@ class WorkerSettings(QueueSettings):
         description="Least time between two reply writes to Redis: under load, deltas"
         " gather this long; after a quiet spell the next write goes at once.",
     )
+
+    @model_validator(mode="after")
+    def _reclaim_after_heartbeats(self) -> WorkerSettings:
+        if self.reclaim_unstarted_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                "reclaim_unstarted_s must be at least two heartbeat intervals "
+                f"({2 * self.heartbeat_interval_s:g} s): running jobs are renewed once a heartbeat"
+            )
+        return self
 
     @field_validator("image_url_hosts", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
-from qwen_serve_client.call import CallState, is_local_cancel, unary_error
+from qwen_serve_client.call import CallState, is_local_cancel, reported, unary_error
 from qwen_serve_client.connection import Connection, ConnectionOptions
 from qwen_serve_client.content import MessageLike
 from qwen_serve_client.events import Event, Started
@@ -82,7 +82,7 @@ class AsyncChatStream:
                     yield state.on_message(message)
                 return
             except grpc.aio.AioRpcError as exc:
-                if is_local_cancel(exc, state):
+                if is_local_cancel(exc, state) or reported(exc, state):
                     return
                 await asyncio.sleep(state.on_error(exc))
             except asyncio.CancelledError:

@@ -74,6 +74,18 @@ class CallState:
         return delay
 
 
+def reported(exc: Any, state: CallState) -> bool:
+    """Whether ``exc`` is the status that ends a stream after its Error event.
+
+    After acceptance the server sends the typed Error event, then ends the call
+    with the same code (so proxies count the failure): the event already told
+    the caller, in ``result.error``, so iteration ends quietly.
+    """
+    error = state.accumulator.result.error
+    code = exc.code() if hasattr(exc, "code") else None
+    return error is not None and code == error.status
+
+
 def unary_error(exc: grpc.RpcError, state: CallState) -> tuple[float, QwenServeError | None]:
     """For idempotent unary calls: (delay, None) to retry, or (0, error) to raise."""
     try:

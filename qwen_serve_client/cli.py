@@ -172,7 +172,7 @@ def request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         text = source.read_text() if source.is_file() else args.json_schema
         try:
             kwargs["json_schema"] = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"--json-schema is neither a file nor valid JSON: {exc}") from None
     kwargs.update(regex=args.regex, choice=args.choice, json_object=args.json_object)
     kwargs.update(model=args.model, client_request_id=args.request_id)

@@ -3,10 +3,11 @@
 Every failure of a call (a gRPC status before the stream was accepted) is
 raised as a subclass of :class:`QwenServeError` carrying the status code, the
 server's message and, where the server sent them, the offending field
-(``google.rpc.BadRequest``) and a retry hint (``google.rpc.RetryInfo`` or the
-``retry-after-ms`` trailer). A stream that fails after acceptance ends with a
-``StreamError`` event; :meth:`ChatResult.raise_for_error` turns it into
-:class:`StreamFailed`.
+(``google.rpc.BadRequest``) and a retry hint (``google.rpc.RetryInfo``, or the
+``grpc-retry-pushback-ms`` / ``retry-after-ms`` trailer). A stream that fails after
+acceptance ends with a ``StreamError`` event (the call's status that follows it,
+with the same code, ends iteration quietly); :meth:`ChatResult.raise_for_error`
+turns it into :class:`StreamFailed`.
 """
 
 from __future__ import annotations
@@ -98,10 +99,14 @@ _BY_CODE: dict[grpc.StatusCode, type[QwenServeError]] = {
 }
 
 
+RETRY_TRAILERS = ("grpc-retry-pushback-ms", "retry-after-ms")
+"""Trailers carrying the server's retry hint in milliseconds (gRPC's standard one first)."""
+
+
 def retry_after(call: Any) -> float | None:
-    """The server's retry hint in seconds (RetryInfo detail or ``retry-after-ms`` trailer)."""
+    """The server's retry hint in seconds (RetryInfo detail or a retry trailer)."""
     for key, value in call.trailing_metadata() or ():
-        if key == "retry-after-ms":
+        if key in RETRY_TRAILERS:
             with contextlib.suppress(ValueError):
                 return int(value) / 1000
     for detail in _details(call):

@@ -107,7 +107,7 @@ class ToolCall:
         """The arguments as a dict ({} when the text is not a JSON object)."""
         try:
             value = json.loads(self.arguments_json or "{}")
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return {}
         return value if isinstance(value, dict) else {}
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
-from qwen_serve_client.call import CallState, is_local_cancel, unary_error
+from qwen_serve_client.call import CallState, is_local_cancel, reported, unary_error
 from qwen_serve_client.connection import Connection, ConnectionOptions
 from qwen_serve_client.content import MessageLike
 from qwen_serve_client.events import Event, Started
@@ -70,7 +70,7 @@ class ChatStream:
                     yield state.on_message(message)
                 return
             except grpc.RpcError as exc:
-                if is_local_cancel(exc, state):
+                if is_local_cancel(exc, state) or reported(exc, state):
                     return
                 time.sleep(state.on_error(exc))
 

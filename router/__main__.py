@@ -7,32 +7,16 @@ import gc
 import logging
 
 from qwen_serve import aio
-from qwen_serve.settings import RouterSettings, add_queue_flags
+from qwen_serve.flags import add_settings_flags, settings_from_args
+from qwen_serve.settings import RouterSettings
 from router import observability
 
 
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
     """Settings from flags over environment (QS_*, REDIS_URL)."""
     parser = argparse.ArgumentParser(prog="qwen-serve-router", description=__doc__)
-    add_queue_flags(parser)
-    parser.add_argument("--listen", help="gRPC address, e.g. [::]:50051")
-    parser.add_argument("--max-inflight", type=int, help="streams at once before refusing")
-    parser.add_argument(
-        "--max-inflight-per-tenant", type=int, help="streams of one tenant before refusing"
-    )
-    parser.add_argument("--max-queue-depth", type=int, help="queued jobs before refusing")
-    parser.add_argument("--drain-grace-s", type=float, help="seconds to finish streams on stop")
-    parser.add_argument("--max-message-bytes", type=int, help="largest request accepted")
-    parser.add_argument("--tls-cert-file", help="server certificate (PEM); enables TLS")
-    parser.add_argument("--tls-key-file", help="key of --tls-cert-file (PEM)")
-    parser.add_argument("--tls-client-ca-file", help="CA of client certificates (mutual TLS)")
-    parser.add_argument("--api-keys-file", help="'tenant:key' lines; every call needs a key")
-    parser.add_argument(
-        "--auth-health", action="store_const", const=True, help="API key for health/reflection too"
-    )
-    parser.add_argument("--health-listen", help="plaintext health-only address (probes)")
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return RouterSettings(**args)
+    add_settings_flags(parser, RouterSettings)
+    return settings_from_args(RouterSettings, parser.parse_args(argv), parser)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,12 @@
 
 One submit task writes queued jobs in pipelined batches; one reader task
 reads this router's reply stream and routes each reply to the request's
-in-memory channel; one monitor task keeps the router's heartbeat and a view
-of Redis, the workers and the queue depth (used by admission and health).
+channel (router/channels.py fences it); one monitor task keeps the router's
+heartbeat and a view of Redis, the workers and the queue depth (used by
+admission and health). A Redis outage up to ``redis_outage_s`` is ridden
+out: submissions and reads retry, streams wait; a longer one ends open
+streams with a retryable UNAVAILABLE. Lost attempts are continued elsewhere
+(router/recovery.py).
 """
 
 from __future__ import annotations
@@ -12,21 +16,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from qwen_serve.aio import Tasks
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.deltas import EventQueue
 from qwen_serve.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
+from qwen_serve.outage import Outage
 from qwen_serve.queue.broker import QueueUnavailable, RouterQueue
 from qwen_serve.queue.codec import Job, Reply, WorkerStatus
 from qwen_serve.settings import RouterSettings
-from router import jobs, observability
+from router import observability
+from router.channels import Channel, Verdict, is_terminal
+from router.recovery import StreamRecovery
 
 logger = logging.getLogger(__name__)
 
 TRIM_EVERY_S = 1.0
+RETRY_S = 0.2
+
+__all__ = ["ClusterView", "Dispatcher", "is_terminal"]
 
 
 @dataclass
@@ -34,6 +43,8 @@ class ClusterView:
     """What the monitor last saw of Redis, the workers and the queue."""
 
     redis_ok: bool = False
+    riding_out: bool = False
+    """Redis is unreachable, for less than the outage bound: requests wait for it."""
     workers: list[WorkerStatus] = field(default_factory=list)
     queue_depth: int = 0
     draining: bool = False
@@ -41,7 +52,7 @@ class ClusterView:
     @property
     def ready(self) -> bool:
         """Whether this router can take new requests."""
-        return self.redis_ok and bool(self.workers) and not self.draining
+        return (self.redis_ok or self.riding_out) and bool(self.workers) and not self.draining
 
     def model(self) -> pb.ModelInfo | None:
         """The served model, as the freshest worker reports it."""
@@ -53,42 +64,15 @@ class ClusterView:
         return info
 
 
+Written = tuple[bytes, int]
+"""A job's entry id and the write mark that covers it."""
+
+
 @dataclass
-class _Channel:
-    """Events of one request on their way from the reader to the servicer.
-
-    It remembers what a continuation needs if the worker dies mid-stream: the
-    job, the tokens of choice 0 delivered so far and the workers lost.
-    """
-
+class _Submission:
     job: Job
-    events: EventQueue = field(default_factory=EventQueue)
-    worker_id: str = ""
-    started: bool = False
-    token_ids: list[int] = field(default_factory=list)
-    lost_workers: set[str] = field(default_factory=set)
-
-    def deliver(self, reply: Reply) -> None:
-        """Queue a reply's events, dropping a repeated Started."""
-        self.worker_id = reply.worker_id
-        for event in reply.events:
-            kind = event.WhichOneof("event")
-            if kind == "started":
-                if self.started:
-                    continue
-                self.started = True
-            elif kind == "delta" and event.delta.index == 0:
-                self.token_ids.extend(event.delta.token_ids)
-            self.events.put(event)
-
-
-def _error_event(code: int, message: str, retryable: bool) -> pb.ChatEvent:
-    return pb.ChatEvent(error=pb.Error(code=code, message=message, retryable=retryable))
-
-
-def is_terminal(event: pb.ChatEvent) -> bool:
-    """Usage and Error are the last event of a stream."""
-    return event.WhichOneof("event") in ("usage", "error")
+    done: asyncio.Future[Written]
+    fence: tuple[str, int] | None = None
 
 
 class Dispatcher:
@@ -99,24 +83,26 @@ class Dispatcher:
         self.settings = settings
         self.view = ClusterView()
         self.listeners: list[Callable[[ClusterView], Awaitable[None]]] = []
-        self._channels: dict[str, _Channel] = {}
+        self.channels: dict[str, Channel] = {}
+        self.outage = Outage(settings.redis_outage_s, settings.heartbeat_ttl_s)
+        self.recovery = StreamRecovery(self)
+        self.tasks = Tasks(f"router {settings.router_id}")
         self._per_tenant: dict[str, int] = {}
-        self._pending: asyncio.Queue[tuple[Job, asyncio.Future[None]]] = asyncio.Queue()
-        self._aborts: asyncio.Queue[str] = asyncio.Queue()
+        self._pending: asyncio.Queue[_Submission] = asyncio.Queue()
+        self._aborts: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._submitted_since_refresh = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Take a first look at the cluster and start the background tasks."""
         await self._refresh()
-        for loop in (self._submit_loop, self._read_loop, self._monitor_loop, self._abort_loop):
-            self._spawn(loop())
+        self.tasks.loop("submit", self._submit_loop)
+        self.tasks.loop("reply reader", self._read_loop)
+        self.tasks.loop("monitor", self._monitor_loop)
+        self.tasks.loop("abort", self._abort_loop)
 
     async def stop(self) -> None:
         """Stop the background tasks and remove this router from Redis."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.cancel_all()
         with contextlib.suppress(QueueUnavailable):
             await self.queue.leave()
 
@@ -128,13 +114,13 @@ class Dispatcher:
     @property
     def inflight(self) -> int:
         """Requests this router is streaming now."""
-        return len(self._channels)
+        return len(self.channels)
 
     def admit(self, tenant: str = "") -> None:
         """Raise a RequestError unless a new request of ``tenant`` can be taken now."""
         if self.view.draining:
             raise RequestError(UNAVAILABLE, "", "router is shutting down", retryable=True)
-        if not self.view.redis_ok:
+        if not (self.view.redis_ok or self.view.riding_out):
             raise RequestError(UNAVAILABLE, "", "queue (Redis) is unreachable", retryable=True)
         if not self.view.workers:
             raise RequestError(UNAVAILABLE, "", "no worker is available", retryable=True)
@@ -161,23 +147,23 @@ class Dispatcher:
 
         Leaving early (client cancel, deadline, error) aborts the request.
         """
-        channel = _Channel(job)
-        self._channels[job.request_id] = channel
+        channel = Channel(job)
+        self.channels[job.request_id] = channel
         self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
         finished = False
         try:
-            await self._submit(job)
+            channel.entry_id, channel.mark = await self.submit(job)
             while True:
                 event = await channel.events.get()
                 yield event
                 if is_terminal(event):
-                    finished = True
+                    finished = event.HasField("usage")
                     return
         finally:
-            self._channels.pop(job.request_id, None)
+            self.channels.pop(job.request_id, None)
             self._release_tenant(job.tenant)
             if not finished:
-                self._aborts.put_nowait(job.request_id)
+                self._aborts.put_nowait((job.request_id, job.tenant))
 
     def _release_tenant(self, tenant: str) -> None:
         left = self._per_tenant.get(tenant, 0) - 1
@@ -186,57 +172,125 @@ class Dispatcher:
         else:
             self._per_tenant.pop(tenant, None)
 
-    async def abort(self, request_id: str) -> bool:
-        """Abort a request wherever it runs; True if this router streams it."""
-        await self.queue.announce_aborts([request_id])
-        return request_id in self._channels
+    async def abort(self, request_id: str, tenant: str = "") -> bool:
+        """Abort a request of ``tenant`` wherever it runs; True if this router streams it.
 
-    async def _submit(self, job: Job) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        Another tenant's request is left alone (workers honour an abort marker of
+        the request's own tenant only). This router's own stream ends at once if
+        no worker streams it now (a failover), else when the worker's Finished
+        (abort) arrives, within ``abort_grace_s``.
+        """
+        channel = self.channels.get(request_id)
+        if channel is None or channel.job.tenant != tenant:
+            await self.queue.announce_aborts([(request_id, tenant)])
+            return False
+        self._aborts.put_nowait((request_id, tenant))
+        live = {w.worker_id for w in self.view.workers}
+        if channel.worker_id in live and not self.outage.ongoing:
+            self.tasks.spawn(self._end_aborted_later(channel))
+        else:
+            channel.end_aborted()
+        return True
+
+    async def _end_aborted_later(self, channel: Channel) -> None:
+        await asyncio.sleep(self.settings.abort_grace_s)
+        channel.end_aborted()
+
+    async def submit(self, job: Job, fence: tuple[str, int] | None = None) -> Written:
+        """Queue ``job`` for the submit task; its entry id and write mark once written.
+
+        RequestError (UNAVAILABLE) if Redis stays unreachable beyond the outage bound.
+        """
+        done: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
         observability.produced(job, done)
-        self._pending.put_nowait((job, done))
+        self._pending.put_nowait(_Submission(job, done, fence))
         self._submitted_since_refresh += 1
         try:
-            await done
+            return await done
         except QueueUnavailable as exc:
             raise RequestError(UNAVAILABLE, "", str(exc), retryable=True) from exc
 
     async def _submit_loop(self) -> None:
+        batch: list[_Submission] = []
         while True:
-            batch = [await self._pending.get()]
+            if not batch:
+                batch.append(await self._pending.get())
             while len(batch) < self.settings.submit_batch_max and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
-            try:
-                await self.queue.submit([job for job, _ in batch])
-            except QueueUnavailable as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+            batch = [s for s in batch if not s.done.done()]  # a caller that left
+            if not batch:
                 continue
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            try:
+                fences = [s.fence for s in batch if s.fence is not None]
+                ids = await self.queue.submit([s.job for s in batch], fences)
+            except QueueUnavailable as exc:
+                batch = await self._submit_failed(batch, exc)
+                continue
+            self._redis_answered()
+            for submission, entry_id in zip(batch, ids, strict=True):
+                if not submission.done.done():
+                    submission.done.set_result((entry_id, self.queue.mark))
+            batch = []
+
+    async def _submit_failed(
+        self, batch: list[_Submission], exc: QueueUnavailable
+    ) -> list[_Submission]:
+        """Keep the batch to retry within the outage bound; fail it beyond."""
+        self.outage.failed()
+        if not self.outage.beyond_bound():
+            await asyncio.sleep(RETRY_S)
+            return batch
+        for submission in batch:
+            if not submission.done.done():
+                submission.done.set_exception(exc)
+        return []
 
     async def _read_loop(self) -> None:
         last_id, last_trim = b"0-0", time.monotonic()
         while True:
             try:
+                if self.recovery.reconcile_needed:
+                    last_id = await self.recovery.reconcile(last_id, self._read_once)
                 entries = await self.queue.read_replies(last_id, block_ms=1000)
             except QueueUnavailable as exc:
-                logger.warning("reply stream unreadable: %s", exc)
-                self._fail_all("lost the connection to the queue")
-                await self.queue.reset()
-                await asyncio.sleep(0.5)
+                self._read_failed(exc)
+                await asyncio.sleep(RETRY_S)
                 continue
-            for entry_id, reply in entries:
-                last_id = entry_id
-                channel = self._channels.get(reply.request_id) if reply else None
-                if reply is None or channel is None or reply.worker_id in channel.lost_workers:
-                    continue
-                channel.deliver(reply)
+            self._redis_answered()
+            last_id = self._route_all(entries, last_id)
             if entries and time.monotonic() - last_trim > TRIM_EVERY_S:
                 last_trim = time.monotonic()
-                self._spawn(self._trim_quietly(last_id))
+                self.tasks.spawn(self._trim_quietly(last_id))
+
+    async def _read_once(self, last_id: bytes) -> bytes:
+        """Read and route what is in the reply stream now (no waiting)."""
+        return self._route_all(await self.queue.read_replies(last_id, block_ms=0), last_id)
+
+    def _route_all(self, entries: list[tuple[bytes, Reply | None]], last_id: bytes) -> bytes:
+        for entry_id, reply in entries:
+            last_id = entry_id
+            channel = self.channels.get(reply.request_id) if reply else None
+            if reply is None or channel is None:
+                continue
+            verdict = channel.accept(reply)
+            if verdict is Verdict.LOST:
+                self.recovery.continue_elsewhere(channel, f"attempt lost ({reply.worker_id})")
+            elif verdict is Verdict.STALE:
+                self.recovery.refence(channel, reply)
+        return last_id
+
+    def _read_failed(self, exc: QueueUnavailable) -> None:
+        if not self.outage.ongoing:
+            logger.warning("reply stream unreadable: %s", exc)
+        self.outage.failed()
+        self.recovery.reconcile_needed = True
+        if self.outage.beyond_bound() and self.channels:
+            bound = self.settings.redis_outage_s
+            self._fail_all(f"lost the connection to the queue for more than {bound:g} s")
+
+    def _redis_answered(self, took: float = 0.0) -> None:
+        if self.outage.succeeded(took):
+            logger.info("Redis answers again")
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -244,73 +298,52 @@ class Dispatcher:
             await self._refresh()
 
     async def _refresh(self) -> None:
+        began = time.monotonic()
         try:
             await self.queue.heartbeat()
-            workers = await self.queue.live_workers()
+            self._redis_answered(took=time.monotonic() - began)
+            workers = await self.queue.live_workers(self.outage.grace_ms())
             depth = await self.queue.queue_depth()
         except QueueUnavailable as exc:
             if self.view.redis_ok:
                 logger.warning("queue unreachable: %s", exc)
+            self.outage.failed()
             self.view.redis_ok = False
+            self.view.riding_out = self.outage.reached and not self.outage.beyond_bound()
         else:
-            self.view.redis_ok, self.view.workers, self.view.queue_depth = True, workers, depth
+            self.view.redis_ok, self.view.riding_out = True, False
+            self.view.workers, self.view.queue_depth = workers, depth
             self._submitted_since_refresh = 0
-            self._recover_orphans({w.worker_id for w in workers})
+            self.recovery.recover_orphans({w.worker_id for w in workers})
         await self._notify()
 
-    def _recover_orphans(self, live: set[str]) -> None:
-        """Continue elsewhere, or end, streams whose worker's heartbeat has stopped."""
-        for channel in self._channels.values():
-            lost = channel.worker_id
-            if not lost or lost in live:
-                continue
-            channel.lost_workers.add(lost)
-            channel.worker_id = ""
-            job = channel.job
-            if jobs.can_continue(job) and job.attempt + 1 < self.settings.max_attempts:
-                channel.job = jobs.continuation_job(job, channel.token_ids)
-                logger.warning(
-                    "worker %s lost; continuing %s after %d tokens (attempt %d)",
-                    lost,
-                    job.request_id,
-                    len(channel.token_ids),
-                    channel.job.attempt,
-                )
-                self._spawn(self._resubmit(channel))
-            else:
-                message = f"worker {lost} stopped and the stream cannot be continued"
-                channel.events.put(_error_event(UNAVAILABLE, message, True))
-
-    async def _resubmit(self, channel: _Channel) -> None:
-        try:
-            await self._submit(channel.job)
-        except RequestError as exc:
-            channel.events.put(_error_event(exc.code, exc.message, True))
-
     def _fail_all(self, message: str) -> None:
-        for channel in self._channels.values():
-            channel.events.put(_error_event(UNAVAILABLE, message, True))
+        for channel in self.channels.values():
+            channel.put(_error_event(UNAVAILABLE, message, True))
 
     async def _notify(self) -> None:
         for listener in self.listeners:
             await listener(self.view)
 
     async def _abort_loop(self) -> None:
-        """Announce the aborts of abandoned streams, many per round trip."""
+        """Announce the aborts of abandoned streams, many per round trip, until written."""
         while True:
             batch = [await self._aborts.get()]
             while len(batch) < self.settings.submit_batch_max and not self._aborts.empty():
                 batch.append(self._aborts.get_nowait())
-            try:
-                await self.queue.announce_aborts(batch)
-            except QueueUnavailable as exc:
-                logger.warning("could not announce %d aborts: %s", len(batch), exc)
+            while True:
+                try:
+                    await self.queue.announce_aborts(batch)
+                    break
+                except QueueUnavailable as exc:
+                    self.outage.failed()
+                    logger.warning("could not announce %d aborts yet: %s", len(batch), exc)
+                    await asyncio.sleep(RETRY_S * 5)
 
     async def _trim_quietly(self, upto: bytes) -> None:
         with contextlib.suppress(QueueUnavailable):
             await self.queue.trim_replies(upto)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+def _error_event(code: int, message: str, retryable: bool) -> pb.ChatEvent:
+    return pb.ChatEvent(error=pb.Error(code=code, message=message, retryable=retryable))

@@ -1,9 +1,11 @@
 """The one place where failures become gRPC statuses.
 
 A RequestError becomes its own code with the field in the message and in a
-``google.rpc.BadRequest`` detail (also for errors the worker found) and, for
-RESOURCE_EXHAUSTED/UNAVAILABLE, a ``google.rpc.RetryInfo`` detail plus a
-``retry-after-ms`` trailer for clients that do not read rich details.
+``google.rpc.BadRequest`` detail (also for errors the worker found, before or
+after Started) and, where it carries a retry hint, a ``google.rpc.RetryInfo``
+detail plus two trailers for clients that do not read rich details: gRPC's
+standard ``grpc-retry-pushback-ms`` (which gRPC's own retry policies and
+proxies honour) and our ``retry-after-ms``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from qwen_serve.errors import RequestError
 logger = logging.getLogger(__name__)
 
 
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+"""gRPC's retry pushback (gRFC A6): milliseconds to wait before a retry."""
+RETRY_AFTER_TRAILER = "retry-after-ms"
+
+
 def from_event(event: pb.ChatEvent) -> RequestError:
-    """The RequestError an Error event stands for (used before acceptance)."""
+    """The RequestError an Error event stands for (the call's status when it ends the stream)."""
     error = event.error
     message = error.message.removeprefix(f"{error.field}: ") if error.field else error.message
     return RequestError(error.code, error.field, message, retryable=error.retryable)
@@ -41,7 +48,8 @@ def to_status(exc: RequestError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(retry)
         details.append(packed)
-        trailers.append(("retry-after-ms", str(exc.retry_after_ms)))
+        hint = str(exc.retry_after_ms)
+        trailers += [(PUSHBACK_TRAILER, hint), (RETRY_AFTER_TRAILER, hint)]
     if exc.field:
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=exc.field, description=exc.message

@@ -20,10 +20,11 @@ details) or is cancelled, and it has no hook for counting calls by status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,7 @@ def setup(settings: RouterSettings) -> None:
     _options.tracing = config is not None
     _options.jobs_stream = Keys(settings.key_prefix).jobs
     metrics.router_metrics()
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
 
 
 def interceptors() -> list[grpc.aio.ServerInterceptor]:
@@ -92,6 +93,7 @@ class _Call:
     method: str
     span: Span
     operation: str = ""
+    protocol: str = "grpc"
     started: float = field(default_factory=time.monotonic)
     code: grpc.StatusCode = grpc.StatusCode.OK
     message: str = ""
@@ -122,7 +124,8 @@ class _Call:
     def end(self) -> None:
         """Close the span and count the call."""
         span, code = self.span, self.code
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if self.protocol == "grpc":
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
         if self.finish_reasons:
             span.set_attribute("gen_ai.response.finish_reasons", self.finish_reasons)
         if self.usage is not None:
@@ -245,8 +248,11 @@ class ServerObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 def _stream(name: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
     async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _start_call(name, request, context)
-        _CALL.set(call)  # the RPC's own task: nothing to reset
-        token = otel_context.attach(trace.set_span_in_context(call.span))
+        # The RPC runs in a task of its own, whose context ends with it: nothing is
+        # reset. (A cancelled call's generator may be closed by the garbage collector
+        # in another task's context, where resetting would fail.)
+        _CALL.set(call)
+        otel_context.attach(trace.set_span_in_context(call.span))
         try:
             async for response in behavior(request, context):
                 yield response
@@ -254,7 +260,6 @@ def _stream(name: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[
             _on_exception(call, exc, context)
             raise
         finally:
-            otel_context.detach(token)
             call.end()
 
     return observed
@@ -285,10 +290,71 @@ def _ignore(_event: pb.ChatEvent) -> None:
     """Outside an observed call (unit tests call the servicer directly)."""
 
 
+# ------------------------------------------------------------------ HTTP calls
+
+
+class HttpCall:
+    """One call of the OpenAI-compatible HTTP API, as its span and metrics see it.
+
+    The same bookkeeping as a gRPC call (``_Call``): the call counts under its route
+    (``POST /v1/chat/completions``) with the gRPC code of its outcome, and the GenAI
+    metrics and attributes are the same.
+    """
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    def describe(self, request: pb.ChatRequest | pb.GenerateRequest) -> None:
+        """The request, once parsed: GenAI request attributes and operation."""
+        self._call.operation = telemetry.operation_name(request)
+        self._call.span.set_attributes(telemetry.request_attributes(request))
+
+    def observe(self, event: pb.ChatEvent) -> None:
+        """Take one event on its way to the client."""
+        self._call.observe(event)
+
+    def fail(self, code: int, message: str) -> None:
+        """Record a failure by its gRPC status code number."""
+        self._call.fail(_status_code(code), message)
+
+    def respond(self, status: int) -> None:
+        """Record the HTTP status answered."""
+        self._call.span.set_attribute("http.response.status_code", status)
+
+
+@contextlib.contextmanager
+def http_call(method: str, route: str, headers: Mapping[str, str]) -> Iterator[HttpCall]:
+    """Server span (parented by the ``traceparent`` header) and count of one HTTP call.
+
+    A cancellation or a reset connection (the client went away) counts as CANCELLED.
+    """
+    name = f"{method} {route}"
+    attributes = {"http.request.method": method, "http.route": route}
+    span = _tracer.start_span(
+        name, context=propagate.extract(headers), kind=SpanKind.SERVER, attributes=attributes
+    )
+    call = _Call(name, span, protocol="http")
+    token = _CALL.set(call)
+    attached = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield HttpCall(call)
+    except (asyncio.CancelledError, ConnectionResetError):
+        call.fail(grpc.StatusCode.CANCELLED, "the client disconnected")
+        raise
+    except BaseException as exc:
+        span.record_exception(exc)
+        call.fail(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        otel_context.detach(attached)
+        _CALL.reset(token)
+        call.end()
+
+
 # ------------------------------------------------------------------ the queue write
 
 
-def produced(job: Job, written: asyncio.Future[None]) -> None:
+def produced(job: Job, written: asyncio.Future[Any]) -> None:
     """Open the producer span of ``job``'s queue write and carry its context in the job.
 
     Call before the job is queued for writing: the span ends when ``written`` resolves.

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from qwen_serve.errors import UNAUTHENTICATED, RequestError
 from qwen_serve.settings import RouterSettings
-from router import errors
+from router import errors, wire
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ async def start_health_server(
     """
     if not settings.health_listen:
         return None
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[wire.DecodeGuard()])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port(settings.health_listen)
     await server.start()

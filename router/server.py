@@ -1,6 +1,6 @@
 """Builds and runs the router's gRPC server.
 
-Inference, grpc.health.v1 and server reflection on one port, in plaintext or
+Inference, grpc.health.v1 and server reflection (v1 and v1alpha) on one port, in plaintext or
 TLS/mutual TLS with API keys (``router/security.py``). SIGTERM and
 SIGINT drain: readiness goes NOT_SERVING, new calls are refused, open
 streams get ``drain_grace_s`` to finish.
@@ -14,14 +14,15 @@ import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from qwen_serve.api.v1 import serve_pb2, serve_pb2_grpc
 from qwen_serve.queue.broker import router_queue
 from qwen_serve.settings import RouterSettings
-from router import observability, security
+from router import observability, reflection, security, wire
 from router.dispatcher import Dispatcher
 from router.health import Health
+from router.openai.app import RouterDoor
+from router.openai.server import HttpServer
 from router.servicer import InferenceServicer
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,17 @@ class Router:
         self.health = Health()
         self.server = grpc.aio.server(
             options=server_options(settings),
-            interceptors=observability.interceptors() + security.interceptors(settings, self.auth),
+            interceptors=[
+                *observability.interceptors(),
+                *security.interceptors(settings, self.auth),
+                wire.DecodeGuard(),  # innermost: the others see its refusals
+            ],
         )
         self.port = 0
         self.health_server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
+        if settings.http_listen:
+            self.http = HttpServer(settings, RouterDoor(self.dispatcher, self.auth))
 
     async def start(self) -> None:
         """Bind the port and start serving."""
@@ -63,9 +71,8 @@ class Router:
         names = (
             serve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, self.server)
+        reflection.enable(names, self.server)
         if self.credentials is None:
             self.port = self.server.add_insecure_port(self.settings.listen)
         else:
@@ -76,6 +83,8 @@ class Router:
         await self.dispatcher.start()
         await self.server.start()
         self.health_server = await security.start_health_server(self.settings, self.health.servicer)
+        if self.http is not None:
+            await self.http.start()
         logger.info(
             "router %s listening on %s (port %d)",
             self.settings.router_id,
@@ -88,7 +97,8 @@ class Router:
         logger.info("draining for up to %.0f s", self.settings.drain_grace_s)
         await self.dispatcher.set_draining()
         await self.health.stop()
-        await self.server.stop(self.settings.drain_grace_s)
+        http = self.http.stop() if self.http is not None else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(self.settings.drain_grace_s), http)
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.dispatcher.stop()

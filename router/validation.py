@@ -7,11 +7,12 @@ a ``ModelInfo``; the prompt's token length is checked by the worker.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
+from qwen_serve import jsontext, regexes, schemas
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import NOT_FOUND, RequestError, invalid
 
@@ -52,9 +53,13 @@ def check_generate(req: pb.GenerateRequest) -> None:
 
 
 def check_against_model(
-    model: str, sampling: pb.SamplingParams, images: int, info: pb.ModelInfo
+    model: str,
+    sampling: pb.SamplingParams,
+    images: int,
+    info: pb.ModelInfo,
+    images_field: str = "messages",
 ) -> None:
-    """Checks against the served model's name and limits."""
+    """Checks against the served model's name and limits (``images_field`` holds the images)."""
     if model and model not in (info.served_model_name, info.model_path):
         raise RequestError(
             NOT_FOUND, "model", f"{model!r} is not served here; use {info.served_model_name!r}"
@@ -67,7 +72,7 @@ def check_against_model(
         )
     if info.max_images_per_prompt and images > info.max_images_per_prompt:
         raise invalid(
-            "messages", f"{images} images; at most {info.max_images_per_prompt} per prompt"
+            images_field, f"{images} images; at most {info.max_images_per_prompt} per prompt"
         )
 
 
@@ -131,7 +136,9 @@ def _check_tools(tools: Sequence[pb.Tool], choice: pb.ToolChoice) -> None:
         if tool.name in names:
             raise invalid(f"tools[{i}].name", f"duplicate tool {tool.name!r}")
         names.add(tool.name)
-        _check_json_object(tool.parameters_json_schema, f"tools[{i}].parameters_json_schema")
+        where = f"tools[{i}].parameters_json_schema"
+        if tool.parameters_json_schema:
+            _check_satisfiable(jsontext.load_object(tool.parameters_json_schema, where), where)
     if choice.mode == pb.ToolChoice.MODE_FUNCTION and choice.function_name not in names:
         raise invalid("tool_choice.function_name", "must name one of the tools")
     if choice.mode == pb.ToolChoice.MODE_REQUIRED and not tools:
@@ -139,27 +146,33 @@ def _check_tools(tools: Sequence[pb.Tool], choice: pb.ToolChoice) -> None:
 
 
 def _check_json_object(text: str, where: str) -> None:
-    if not text:
-        return
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise invalid(where, f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise invalid(where, "must be a JSON object")
+    if text:
+        jsontext.load_object(text, where)
+
+
+def _check_satisfiable(schema: Any, where: str) -> None:
+    reason = schemas.unsatisfiable(schema)
+    if reason:
+        raise invalid(where, f"no value can match this schema: {reason}")
 
 
 def _check_structured(structured: pb.StructuredOutput) -> None:
     kind = structured.WhichOneof("kind")
     if kind == "json_schema":
-        _check_json_object(structured.json_schema, "structured_output.json_schema")
+        where = "structured_output.json_schema"
         if not structured.json_schema:
-            raise invalid("structured_output.json_schema", "must not be empty")
+            raise invalid(where, "must not be empty")
+        _check_satisfiable(jsontext.load_object(structured.json_schema, where), where)
     elif kind == "regex":
         try:
             re.compile(structured.regex)
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:
             raise invalid("structured_output.regex", f"not a valid regex: {exc}") from None
+        except RecursionError:
+            raise invalid("structured_output.regex", "groups nested too deeply") from None
+        reason = regexes.unsatisfiable(structured.regex)
+        if reason:
+            raise invalid("structured_output.regex", f"no string can match this regex: {reason}")
     elif kind == "choice" and not structured.choice.values:
         raise invalid("structured_output.choice.values", "at least one choice is required")
 

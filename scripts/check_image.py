@@ -10,7 +10,10 @@ wheel built from the work tree, so the image build and the test suite check the 
 ``check_image.py router-env``
     this interpreter has the router's modules and no torch, vLLM or transformers.
 ``check_image.py worker-env``
-    this interpreter has the worker's modules and sees the plugin entry point.
+    this interpreter (the base image's vLLM, protobuf and grpcio) imports every worker
+    module and the generated stubs, runs a vLLM in the supported range, and sees the
+    plugin entry point. A mismatch names the package, the version found and the one
+    needed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import argparse
 import configparser
 import importlib
 import importlib.util
+import pkgutil
+import re
 import sys
 import zipfile
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 PLUGIN_GROUP = "vllm.general_plugins"
@@ -34,7 +39,9 @@ STUBS = (
     "qwen_serve/queue/v1/queue_pb2.py",
 )
 ROUTER_MODULES = ("router.__main__", "router.server", "qwen_serve.api.v1.serve_pb2_grpc")
-WORKER_MODULES = ("worker.__main__", "worker.probe", "worker.config_fix")
+STUB_MODULES = ("qwen_serve.api.v1.serve_pb2", "qwen_serve.queue.v1.queue_pb2")
+DEV_ONLY_WORKER_MODULES = ("worker.tiny_model",)
+"""Worker modules the production image does not need to import (development tools)."""
 FORBIDDEN_IN_ROUTER = ("torch", "vllm", "transformers")
 
 
@@ -88,13 +95,75 @@ def check_router_env() -> list[str]:
     return problems + check_imports(ROUTER_MODULES)
 
 
+def worker_modules() -> tuple[str, ...]:
+    """Every module of the installed worker package (development tools left out)."""
+    import worker
+
+    found = [m.name for m in pkgutil.walk_packages(worker.__path__, "worker.")]
+    return tuple(m for m in sorted(found) if m not in DEV_ONLY_WORKER_MODULES)
+
+
+def check_stub_runtimes() -> list[str]:
+    """protobuf and grpcio at least as new as the versions that generated the stubs."""
+    problems = []
+    for package, needed in stub_requirements().items():
+        try:
+            found = version(package)
+        except PackageNotFoundError:
+            problems.append(f"{package} is not installed; the stubs need {package}>={needed}")
+            continue
+        if _numbers(found) < _numbers(needed):
+            problems.append(
+                f"{package} {found} is older than {needed}, which generated the stubs: "
+                f"build the wheel with a grpcio-tools no newer than the base image allows"
+            )
+    return problems
+
+
+def stub_requirements() -> dict[str, str]:
+    """{package: version} the generated stubs check at import (their generator's)."""
+    spec = importlib.util.find_spec("qwen_serve.api.v1.serve_pb2")
+    grpc_spec = importlib.util.find_spec("qwen_serve.api.v1.serve_pb2_grpc")
+    needs = {}
+    if spec is not None and spec.origin:
+        gencode = re.search(r"Protobuf Python Version: ([0-9.]+)", Path(spec.origin).read_text())
+        if gencode:
+            needs["protobuf"] = gencode.group(1)
+    if grpc_spec is not None and grpc_spec.origin:
+        generated = re.search(
+            r"GRPC_GENERATED_VERSION = '([0-9.]+)'", Path(grpc_spec.origin).read_text()
+        )
+        if generated:
+            needs["grpcio"] = generated.group(1)
+    return needs
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def check_vllm_range() -> list[str]:
+    """The base image's vLLM is one the worker's boundary module supports."""
+    try:
+        from worker import vllm_boundary
+    except Exception as exc:  # reported by the import check too
+        return [f"cannot import worker.vllm_boundary: {exc!r}"]
+    low, high = vllm_boundary.SUPPORTED
+    found = vllm_boundary.version_tuple()
+    if not low <= found <= high:
+        return [f"vLLM {vllm_boundary.VERSION} is outside the supported {low} to {high}"]
+    return []
+
+
 def check_worker_env() -> list[str]:
-    """The worker's modules import and vLLM will find the plugin."""
+    """The worker's modules and stubs import, vLLM is supported and finds the plugin."""
     plugins = {ep.name: ep.value for ep in entry_points(group=PLUGIN_GROUP)}
     problems = []
     if plugins.get(PLUGIN_NAME) != PLUGIN_TARGET:
         problems.append(f"{PLUGIN_GROUP} entry point not registered: {plugins}")
-    return problems + check_imports(WORKER_MODULES)
+    problems += check_stub_runtimes()
+    problems += check_imports(STUB_MODULES + worker_modules())
+    return problems + check_vllm_range()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
-TARGETS = ("overlays/rocm-prod", "overlays/cpu-dev", "jobs/model-download")
+TARGETS = ("overlays/rocm-prod", "overlays/nvidia", "overlays/cpu-dev", "jobs/model-download")
 # The oldest Kubernetes release we support (native gRPC probes are GA since 1.27) and the
 # newest that kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())

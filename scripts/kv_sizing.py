@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""GPU memory sizing of Qwen3.5-35B-A3B (hybrid Gated DeltaNet + attention) at tensor parallel 4.
+"""GPU memory sizing of Qwen3.5-35B-A3B (hybrid Gated DeltaNet + attention) per worker.
 
-    python scripts/kv_sizing.py                       # the published config (below)
+    python scripts/kv_sizing.py                       # TP 4 on AMD GPUs (profile rocm-tp4)
     python scripts/kv_sizing.py --config config.json  # a checkpoint's config.json
+    python scripts/kv_sizing.py --tp 1 --gpus nvidia --utilization 0.90  # profile nvidia
 
 Prints the per-sequence cache of the 10 full-attention layers (KV, grows with length) and
 of the 30 linear-attention layers (conv + recurrent state, fixed), and how many sequences
-of ``--tokens`` fit per worker at ``gpu_memory_utilization`` on MI300X and MI250-class GPUs.
+of ``--tokens`` fit per worker at ``gpu_memory_utilization`` on each GPU of ``--gpus``
+(AMD: MI300X and MI250-class; NVIDIA: H100 and H200) at tensor parallel ``--tp``.
 
 The arithmetic follows vLLM's V1 hybrid KV cache (0.32): every layer's cache is paged in
 one block pool; the attention block size is raised until one attention page
@@ -79,6 +81,10 @@ class Gpu:
 
 # MI250/MI250X: two GCDs of 64 GiB per module, each a separate GPU to ROCm.
 GPUS = (Gpu("MI300X", 192.0), Gpu("MI250 (one GCD)", 64.0))
+# What nvidia-smi reports: 81,559 MiB (H100 80GB) and 143,771 MiB (H200).
+NVIDIA_GPUS = (Gpu("H100 80GB", 79.6), Gpu("H200", 140.4))
+GPU_SETS = {"amd": GPUS, "nvidia": NVIDIA_GPUS}
+CHECKPOINT_GIB = 40.0  # the GPTQ 8-bit checkpoint (~40 GB) with its replicated small tensors
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,11 @@ class Deployment:
     utilization: float = 0.95
     weights_gib_per_gpu: float = 10.0  # 40 GB checkpoint / 4, plus replicated small tensors
     overhead_gib_per_gpu: float = 5.0  # activations at the profiling peak, RCCL, graphs
+
+    @classmethod
+    def for_tp(cls, tp: int, tokens: int = 256_000, utilization: float = 0.95) -> Deployment:
+        """A worker of ``tp`` GPUs: the checkpoint's weights split over them."""
+        return cls(tp, tokens, utilization, weights_gib_per_gpu=CHECKPOINT_GIB / tp)
 
 
 def kv_bytes_per_token(shape: ModelShape, tp: int) -> int:
@@ -156,7 +167,7 @@ def sequences_that_fit(shape: ModelShape, gpu: Gpu, plan: Deployment) -> int:
     return math.floor(cache_gib_per_gpu(gpu, plan) / sequence_gib_per_gpu(shape, plan))
 
 
-def report(shape: ModelShape, plan: Deployment) -> str:
+def report(shape: ModelShape, plan: Deployment, gpus: tuple[Gpu, ...] = GPUS) -> str:
     """The sizing as Markdown (docs/deploy.md quotes it)."""
     tp, tokens = plan.tp, plan.tokens
     state_layer = state_bytes_per_layer(shape, tp)
@@ -177,7 +188,7 @@ def report(shape: ModelShape, plan: Deployment) -> str:
         "| GPU | memory | x utilization | weights | overhead | cache per GPU | sequences |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for gpu in GPUS:
+    for gpu in gpus:
         lines.append(
             f"| {gpu.name} | {gpu.memory_gib:.0f} GiB | {gpu.memory_gib * plan.utilization:.1f} GiB"
             f" | {plan.weights_gib_per_gpu:.0f} GiB | {plan.overhead_gib_per_gpu:.0f} GiB"
@@ -193,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="config.json of the checkpoint")
     parser.add_argument("--tokens", type=int, default=Deployment.tokens)
     parser.add_argument("--utilization", type=float, default=Deployment.utilization)
+    parser.add_argument("--tp", type=int, default=Deployment.tp, help="GPUs per worker")
+    parser.add_argument("--gpus", choices=sorted(GPU_SETS), default="amd")
     args = parser.parse_args(argv)
     shape = ModelShape.from_config(json.loads(args.config.read_text())) if args.config else None
-    plan = Deployment(tokens=args.tokens, utilization=args.utilization)
-    print(report(shape or ModelShape(), plan))
+    plan = Deployment.for_tp(args.tp, args.tokens, args.utilization)
+    print(report(shape or ModelShape(), plan, GPU_SETS[args.gpus]))
     return 0
 
 

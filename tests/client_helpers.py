@@ -31,6 +31,9 @@ FORCED_CALL_REGEX = re.escape(FORCED_CALL)
 PROMPT = "What is the weather like in the city in this picture?"
 TOOL_CALL_TOKEN_ID = 3014
 """``<tool_call>`` in the tiny tokenizer (an added token, as in Qwen3.5)."""
+FAILS_MID_STREAM = r"x{120}[^\D0-9]"
+"""A regex the engine fails mid-stream: Python's dialect sees Unicode digits in its class,
+the engine's grammar none. It streams the x's, then every call ends in INVALID_ARGUMENT."""
 
 
 def weather_tool() -> pb.Tool:

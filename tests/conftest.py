@@ -15,6 +15,7 @@ import pytest
 
 from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
+from tests.reliability import write_report
 
 
 @dataclass
@@ -68,3 +69,10 @@ async def stub(stack: Stack) -> AsyncIterator[serve_pb2_grpc.InferenceStub]:
     """An Inference stub on a fresh channel to the stack's router."""
     async with grpc.aio.insecure_channel(stack.target) as channel:
         yield serve_pb2_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reliability_report() -> Iterator[None]:
+    """Write docs/reliability.md at the end if QS_RELIABILITY_REPORT names it."""
+    yield
+    write_report()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -100,3 +101,33 @@ async def wait_engines_idle(redis_url: str, prefix: str, timeout: float = 20) ->
         await asyncio.sleep(0.25)
         running = await running_in_engines(redis_url, prefix)
     return running
+
+
+async def engine_version(stub: serve_pb2_grpc.InferenceStub) -> tuple[int, int]:
+    """(major, minor) of the vLLM the workers run, from GetModelInfo."""
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    major, minor, *_ = (info.engine_version.split("+")[0] + ".0.0").split(".")
+    return int(major), int(minor)
+
+
+class LogWatch:
+    """What the stack's processes log from now on (``assert_clean`` checks for tracebacks)."""
+
+    def __init__(
+        self, log_dir: Path, names: tuple[str, ...] = ("router.log", "worker.log")
+    ) -> None:
+        self.paths = [log_dir / name for name in names]
+        self.offsets = {path: path.stat().st_size if path.exists() else 0 for path in self.paths}
+
+    def new_text(self, path: Path) -> str:
+        """The part of ``path`` written since this watch began."""
+        with path.open("rb") as log:
+            log.seek(self.offsets[path])
+            return log.read().decode(errors="replace")
+
+    def assert_clean(self, *needles: str) -> None:
+        """No traceback (nor any of ``needles``) in what was logged since."""
+        for path in self.paths:
+            text = self.new_text(path)
+            for needle in ("Traceback", *needles):
+                assert needle not in text, f"{path.name}: {needle}\n{text[-3000:]}"

@@ -201,6 +201,7 @@ def seconds(duration: str) -> float:
 # down (engine core and tensor-parallel processes).
 SHUTDOWN_MARGIN_S = {"qwen-serve-router": 10, "qwen-serve-worker": 30}
 METRICS_PORT = 9400
+HTTP_PORT = 8000
 PROMETHEUS = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
@@ -338,6 +339,34 @@ def test_worker_probe_command_reads_the_status_file(tmp_path: Path) -> None:
     assert probe("ready") == 1
 
 
+def test_workers_on_one_host_write_separate_status_files(tmp_path: Path) -> None:
+    """The default status file is per worker, and the probe finds the right one."""
+    from qwen_serve.settings import WorkerSettings
+    from worker.probe import status_path, write_status
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QS_")}
+    env["TMPDIR"] = str(tmp_path)  # tempfile.gettempdir() of the probe
+
+    def probe(kind: str, **extra: str) -> int:
+        command = [PYTHON, "-m", "worker.probe", kind]
+        return subprocess.run(
+            command, env={**env, **extra}, capture_output=True, cwd=ROOT
+        ).returncode
+
+    assert probe("live") == 1  # no worker wrote a status yet
+    paths = {
+        wid: status_path(WorkerSettings(worker_id=wid)).name for wid in ("worker-a", "worker-b")
+    }
+    assert len(set(paths.values())) == 2
+    directory = tmp_path / "qwen-serve-workers"
+    write_status(directory / paths["worker-a"], engine_ok=True, redis_ok=True, draining=False)
+    write_status(directory / paths["worker-b"], engine_ok=True, redis_ok=True, draining=True)
+    assert probe("ready", QS_WORKER_ID="worker-a") == 0
+    assert probe("ready", QS_WORKER_ID="worker-b") == 1
+    assert probe("live", QS_WORKER_ID="worker-b") == 0
+    assert probe("ready") == 1  # the freshest file: worker-b's (one worker per container)
+
+
 def test_router_probes_use_the_health_services(prod: list[Doc]) -> None:
     """Native gRPC probes: liveness on `liveness`, readiness on the Inference service."""
     from router.health import INFERENCE, LIVENESS
@@ -349,6 +378,19 @@ def test_router_probes_use_the_health_services(prod: list[Doc]) -> None:
     assert literal_env(prod, "qwen-serve-router")["QS_LISTEN"].endswith(":50051")
 
 
+def test_router_serves_the_openai_http_api(prod: list[Doc]) -> None:
+    """QS_HTTP_LISTEN binds the container's `http` port; the policy lets clients reach it."""
+    from qwen_serve.settings import RouterSettings
+    from router.openai.server import split_listen
+
+    listen = literal_env(prod, "qwen-serve-router")["QS_HTTP_LISTEN"]
+    setting = RouterSettings.model_validate({"http_listen": listen}).http_listen
+    assert setting is not None and split_listen(setting) == (None, HTTP_PORT)
+    assert named_ports(container(prod, "qwen-serve-router"))["http"] == HTTP_PORT
+    router = ingress_rules(prod, pod_labels(prod, "Deployment", "qwen-serve-router"))
+    assert any(HTTP_PORT in rule_ports(r) for r in router if "from" not in r)
+
+
 def test_router_service_hpa_and_pdbs(prod: list[Doc]) -> None:
     """Service speaks gRPC to the router pods; HPA and PDBs select the right pods."""
     router = pod_labels(prod, "Deployment", "qwen-serve-router")
@@ -357,6 +399,8 @@ def test_router_service_hpa_and_pdbs(prod: list[Doc]) -> None:
         service = one(prod, "Service", name)
         assert service["spec"]["ports"][0]["appProtocol"] == "grpc"
         assert service["spec"]["ports"][0]["port"] == 50051
+        http = {p["name"]: p for p in service["spec"]["ports"]}["http"]
+        assert (http["port"], http["targetPort"], http["appProtocol"]) == (8000, "http", "http")
         assert selects({"matchLabels": service["spec"]["selector"]}, router)
     hpa = one(prod, "HorizontalPodAutoscaler", "qwen-serve-router")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "qwen-serve-router"
@@ -369,7 +413,7 @@ def test_router_service_hpa_and_pdbs(prod: list[Doc]) -> None:
         assert "replicas" not in one(prod, "Deployment", name)["spec"], "autoscaled"
 
 
-@pytest.mark.parametrize("overlay", ["overlays/rocm-prod", "overlays/cpu-dev"])
+@pytest.mark.parametrize("overlay", ["overlays/rocm-prod", "overlays/nvidia", "overlays/cpu-dev"])
 def test_grace_period_covers_drain_and_shutdown(
     rendered: dict[str, list[Doc]], overlay: str
 ) -> None:
@@ -492,7 +536,43 @@ def test_external_redis_component(tmp_path: Path) -> None:
         assert url == {"name": "REDIS_URL", "valueFrom": from_secret}
 
 
-@pytest.mark.parametrize("overlay", ["overlays/rocm-prod", "overlays/cpu-dev"])
+def test_redis_sentinel_component(tmp_path: Path) -> None:
+    """Three Redis pods with a Sentinel each; routers, workers and KEDA go through the
+    Sentinels with a Sentinel URL our settings parse; no Service spreads clients over
+    primary and replicas."""
+    from qwen_serve.queue.connection import parse_sentinel_url
+
+    docs = k8s_check.render(component_overlay(tmp_path, ["keda", "redis-sentinel"]))
+    assert k8s_check.validate(docs) == []
+    assert k8s_check.policy_problems(docs) == []
+    redis = one(docs, "StatefulSet", "qwen-serve-redis")
+    assert redis["spec"]["replicas"] == 3
+    boxes = {c["name"]: c for c in redis["spec"]["template"]["spec"]["containers"]}
+    assert set(boxes) == {"redis", "sentinel"}
+    assert boxes["sentinel"]["ports"] == [
+        {"name": "sentinel", "containerPort": 26379, "protocol": "TCP"}
+    ]
+    services = {name_of(d) for d in docs if d["kind"] == "Service"}
+    assert "Service/qwen-serve-redis" not in services
+    assert one(docs, "Service", "qwen-serve-redis-headless")["spec"]["publishNotReadyAddresses"]
+    config = next(
+        d["data"] for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("qwen-serve-config")
+    )  # fmt: skip
+    for name in ("qwen-serve-router", "qwen-serve-worker"):
+        env = {v["name"]: v for v in container(docs, name)["env"]}
+        url = env["REDIS_URL"]["value"]
+        for var, value in (("REDIS_PASSWORD", "0f" * 16), *config.items()):
+            url = url.replace(f"$({var})", value)
+        parsed = parse_sentinel_url(url)
+        assert len(parsed.sentinels) == 3 and parsed.service == "qwen-serve"
+        assert env["QS_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    scaled = one(docs, "ScaledObject", "qwen-serve-worker")
+    assert {t["type"] for t in scaled["spec"]["triggers"]} == {"redis-sentinel-streams"}
+    assert one(docs, "PodDisruptionBudget", "qwen-serve-redis")["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", ["overlays/rocm-prod", "overlays/nvidia", "overlays/cpu-dev"])
 def test_routers_and_workers_serve_metrics(rendered: dict[str, list[Doc]], overlay: str) -> None:
     """QS_METRICS_PORT is set and is the container port `metrics` of router and worker."""
     from qwen_serve.settings import RouterSettings, WorkerSettings
@@ -517,7 +597,7 @@ def test_only_prometheus_reaches_the_metrics_port(prod: list[Doc]) -> None:
         to_metrics = [r for r in rules if METRICS_PORT in rule_ports(r)]
         assert to_metrics and all(r["from"] == [PROMETHEUS] for r in to_metrics), to_metrics
     assert worker == [{"from": [PROMETHEUS], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]}]
-    assert [rule_ports(r) for r in router if "from" not in r] == [{50051}]
+    assert [rule_ports(r) for r in router if "from" not in r] == [{50051, HTTP_PORT}]
     others = [pod_labels(prod, "StatefulSet", "qwen-serve-redis")]
     others.append(pod_labels(prod, "Deployment", "qwen-serve-otel-collector"))
     for labels in others:

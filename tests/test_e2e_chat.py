@@ -43,6 +43,29 @@ async def test_eight_concurrent_chats_complete(stub: Stub) -> None:
         assert len(result.token_ids()) == 10
 
 
+async def test_sixty_four_concurrent_streams_complete(stub: Stub) -> None:
+    """More streams than the engine runs at once: the rest wait in the queue, none is lost."""
+    requests = [chat(f"Stream {i}", max_tokens=4, ignore_eos=True) for i in range(64)]
+    results = await asyncio.gather(*(collect(stub, r, timeout=300) for r in requests))
+    assert len({r.of("started")[0].started.request_id for r in results}) == 64
+    assert all(len(r.token_ids()) == 4 and r.kinds()[-1] == "usage" for r in results)
+
+
+async def test_thinking_chat_counts_its_reasoning(stub: Stub) -> None:
+    """Usage counts what streamed as reasoning (the template opens <think> in the prompt)."""
+    request = chat("Think it over.", max_tokens=24, ignore_eos=True)
+    request.enable_thinking = True
+    result = await collect(stub, request)
+    usage = result.of("usage")[0].usage
+    reasoning = "".join(e.delta.reasoning for e in result.of("delta"))
+    content = "".join(e.delta.content for e in result.of("delta"))
+    assert usage.completion_tokens == 24 and reasoning
+    if not content and not any(e.delta.tool_calls for e in result.of("delta")):
+        assert usage.reasoning_tokens == usage.completion_tokens
+    else:  # the random model closed its reasoning: the rest is not counted
+        assert 0 < usage.reasoning_tokens < usage.completion_tokens
+
+
 async def test_generate_with_token_ids(stub: Stub) -> None:
     request = pb.GenerateRequest(
         token_ids=pb.TokenIds(ids=[10, 20, 30, 40]),

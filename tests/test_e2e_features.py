@@ -34,7 +34,7 @@ from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from tests.conftest import Stack
-from tests.helpers import Collected, collect, status_of, user
+from tests.helpers import Collected, collect, engine_version, status_of, user
 
 pytestmark = pytest.mark.e2e
 
@@ -265,6 +265,10 @@ async def test_tool_choice_none_returns_no_calls(stub: Stub) -> None:
 async def test_required_and_named_tool_choice_force_a_call(
     stub: Stub, mode: int, name: str, expected: set[str]
 ) -> None:
+    if mode == pb.ToolChoice.MODE_REQUIRED and await engine_version(stub) < (0, 32):
+        # vLLM 0.23 constrains REQUIRED to a JSON array of calls, which the random model
+        # pads with whitespace until max_tokens; the named case runs on every version.
+        pytest.skip("REQUIRED on the random model needs vLLM 0.32's tool-call grammar")
     req = request(tools=(WEATHER, CLOCK), mode=mode, function_name=name, max_tokens=16)
     choice = fold(await collect(stub, req))
     (head,) = [f for f in choice.fragments if f.name]
@@ -391,7 +395,13 @@ def reasoning_target(stack: Stack) -> Iterator[str]:
 @pytest.fixture
 async def thinking_stub(reasoning_target: str) -> AsyncIterator[Stub]:
     async with grpc.aio.insecure_channel(reasoning_target) as channel:
-        yield serve_pb2_grpc.InferenceStub(channel)
+        stub = serve_pb2_grpc.InferenceStub(channel)
+        if await engine_version(stub) < (0, 32):
+            # vLLM 0.23's reasoning parser ends reasoning on the </think> token id only,
+            # and under a regex the random model may spell the tag from byte tokens (a
+            # real model emits the token). test_vllm_boundary covers 0.23's parsing.
+            pytest.skip("spelled reasoning needs vLLM 0.32's text-level reasoning parser")
+        yield stub
 
 
 def spelled(markup: str) -> pb.ChatRequest:
@@ -546,7 +556,12 @@ async def test_full_sampling_set_is_accepted(stub: Stub) -> None:
     assert fold(result).finished.reason == pb.FINISH_REASON_LENGTH
 
 
-async def test_seed_is_refused_on_the_cpu_engine(stub: Stub) -> None:
+async def test_seed_is_refused_where_the_engine_cannot_take_it(stub: Stub) -> None:
+    """vLLM's CPU engine with chunked prefill crashes on a seed: there it is refused."""
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    if info.supports_seed:
+        assert fold(await collect(stub, request(seed=7))).finished.reason
+        return
     error = await status_of(stub, request(seed=7))
     assert error.code() == INVALID
     assert "sampling.seed" in (error.details() or "")
@@ -559,6 +574,9 @@ async def test_prefix_cache_hits_are_counted(stub: Stub) -> None:
     the recurrent state only at a prefix it has seen shared, so the prefix is stored by
     the second identical request and hit from the third on.
     """
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    if json.loads(info.engine_args_json).get("enable_prefix_caching") is False:
+        pytest.skip("the engine runs without prefix caching (vLLM 0.23 on an AMX CPU)")
     prompt = f"Run {uuid.uuid4().hex}: tokens flow through Redis to workers and back. " * 60
     seen = [usage(await collect(stub, request(prompt, max_tokens=2))) for _ in range(3)]
     assert seen[0].cached_tokens == 0

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput
-from vllm.parser.parser_manager import ParserManager
 from vllm.tokenizers import get_tokenizer
 
 from qwen_serve.api.v1 import serve_pb2 as pb
@@ -34,6 +32,7 @@ from worker.events import (
     request_stream,
     token_logprobs,
 )
+from worker.vllm_boundary import ChatCompletionRequest, ReasoningCounter, parser_class
 
 TOOLS = [
     {
@@ -91,18 +90,15 @@ class Env:
         parser = self.parser_cls(self.tokenizer, request.tools, chat_template_kwargs=kwargs)
         request = parser.adjust_request(request)
         end_id = self.tokenizer.convert_tokens_to_ids(TOOL_CALL_END)
-        return ChoiceStream(index, parser, request, call_end_id=end_id)
+        return ChoiceStream(
+            index, parser, request, call_end_id=end_id, reasoning=ReasoningCounter(parser)
+        )
 
 
 @pytest.fixture(scope="module")
 def env(tiny_model: Path) -> Env:
     tokenizer = get_tokenizer(str(tiny_model))
-    parser_cls = ParserManager.get_parser(
-        tool_parser_name="qwen3_coder",
-        reasoning_parser_name="qwen3",
-        enable_auto_tools=True,
-        tokenizer=tokenizer,
-    )
+    parser_cls = parser_class("qwen3_coder", "qwen3", True, "tiny", tokenizer)
     return Env(tokenizer, parser_cls)
 
 
@@ -361,9 +357,6 @@ def test_parser_failure_falls_back_to_text() -> None:
     class Broken:
         def parse_delta(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("boom")
-
-        def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
-            return 0
 
     choice = ChoiceStream(0, Broken())
     events = choice.feed(completion("hi", [1], "stop"), [0])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.client_helpers import ROOT, png
+from tests.client_helpers import FAILS_MID_STREAM, ROOT, png
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.e2e
@@ -106,3 +106,18 @@ def test_grpcurl_shows_the_status_and_field_of_a_bad_request(stack: Stack, tmp_p
     assert done.returncode == 64 + 3  # grpcurl: 64 + INVALID_ARGUMENT
     assert "Code: InvalidArgument" in done.stderr
     assert '"field_violations":[{"field":"messages"' in done.stderr
+
+
+def test_grpcurl_shows_the_status_of_a_failure_after_started(stack: Stack, tmp_path: Path) -> None:
+    request = {
+        "messages": [{"role": "ROLE_USER", "content": [{"text": "Write x's."}]}],
+        "enable_thinking": False,
+        "structured_output": {"regex": FAILS_MID_STREAM},
+        "sampling": {"max_tokens": 200},
+    }
+    command = f"grpcurl -plaintext -d @ {DOC_TARGET} qwen_serve.api.v1.Inference/Chat <<'EOF'\n"
+    done = run(command + json.dumps(request) + "\nEOF", stack.target, tmp_path)
+    events = objects(done.stdout)
+    assert "started" in events[0] and "error" in events[-1]
+    assert done.returncode == 64 + 3  # the stream's status is INVALID_ARGUMENT, not OK
+    assert '"field_violations":[{"field":"structured_output.regex"' in done.stderr

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from qwen_serve_client import Client
-from tests.client_helpers import PROMPT, TOOL_CALL_TOKEN_ID, weather_tool
+from tests.client_helpers import FAILS_MID_STREAM, PROMPT, TOOL_CALL_TOKEN_ID, weather_tool
 from tests.conftest import Stack
 from tests.npm import ROOT, ensure_installed
 
@@ -72,3 +72,13 @@ def test_node_client_reports_a_status_error(stack: Stack) -> None:
     done = run_example("--target", stack.target, "--max-tokens", "999999")
     assert done.returncode == 1
     assert done.stderr.startswith("error INVALID_ARGUMENT: sampling.max_tokens")
+
+
+def test_node_client_sees_the_status_of_a_failure_after_started(stack: Stack) -> None:
+    """The Error event is printed, then the call's status repeats it (not OK)."""
+    done = run_example("--target", stack.target, "--regex", FAILS_MID_STREAM, "--max-tokens", "200")
+    assert done.returncode == 1, done.stderr
+    events: list[dict[str, Any]] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0]["type"] == "started" and events[-1]["type"] == "error"
+    assert events[-1]["field"] == "structured_output.regex"
+    assert done.stderr.startswith("error INVALID_ARGUMENT after Started: structured_output.regex")

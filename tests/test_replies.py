@@ -1,4 +1,4 @@
-"""Delta coalescing, and the worker's reply writer on a real Redis."""
+"""Delta coalescing, and the worker's reply writer and leases on a real Redis."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ import pytest
 from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.deltas import merge_into
-from qwen_serve.queue.broker import RouterQueue, WorkerQueue, router_queue, worker_queue
+from qwen_serve.queue.broker import (
+    AttemptRef,
+    RouterQueue,
+    WorkerQueue,
+    router_queue,
+    worker_queue,
+)
 from qwen_serve.queue.codec import Reply, encode
 from qwen_serve.settings import QueueSettings, new_id
+from router import jobs
+from tests.helpers import chat
 from worker.replies import ReplyWriter
 
 
@@ -86,26 +94,63 @@ def _started(rid: str) -> pb.ChatEvent:
     return pb.ChatEvent(started=pb.Started(request_id=rid))
 
 
-async def test_one_flush_is_one_entry_per_router_after_its_started_markers(
+async def test_one_flush_is_one_entry_per_router_with_the_acknowledgements_after_it(
     queues: tuple[WorkerQueue, RouterQueue, RouterQueue],
 ) -> None:
+    """Replies carry attempt and sequence; a job is acknowledged (lease done) in the same
+    write as its last events, after them."""
     worker, router_a, router_b = queues
+    await worker.ensure_group()
+    job = jobs.make_job(chat(), router_id="ra", reply_stream="s", deadline_unix_ms=0, trace={})
+    (entry_id,) = await router_a.submit([job])
+    assert [e for e, _ in await worker.claim(1, 100)] == [entry_id]
+    ref = AttemptRef(job.request_id, 0, "", entry_id)
+    assert await worker.acquire(ref) == (False, None, False)
     writer = ReplyWriter(worker, "w1", window_s=0.0)
-    writer.put("r1", router_a.reply_stream, _started("r1"))
-    writer.put("r1", router_a.reply_stream, _delta(0, "a", ids=(1,)))
+    written: list[bool] = []
+    writer.put("r1", router_a.reply_stream, _started("r1"), attempt=2)
+    writer.put("r1", router_a.reply_stream, _delta(0, "a", ids=(1,)), attempt=2)
     writer.put("r2", router_a.reply_stream, _delta(0, "b", ids=(2,)))
     writer.put("r3", router_b.reply_stream, _started("r3"))
+    writer.end(("r1", 2), entry_id, ref, lambda: written.append(True))
     task = asyncio.create_task(writer.run())
     try:
         await asyncio.wait_for(writer.flush(), 30)
+        writer.put("r2", router_a.reply_stream, _delta(0, "c", ids=(3,)))
+        await asyncio.wait_for(writer.flush(), 30)
     finally:
         task.cancel()
-    assert await worker.redis.xlen(router_a.reply_stream) == 1
+    assert written == [True]
+    assert await worker.redis.xlen(router_a.reply_stream) == 2
     assert await worker.redis.xlen(router_b.reply_stream) == 1
-    replies = [r for _, r in await router_a.read_replies(b"0-0", 100)]
-    assert [(r.request_id, len(r.events)) for r in replies if r] == [("r1", 2), ("r2", 1)]
-    assert await worker.is_started("r1") and await worker.is_started("r3")
-    assert not await worker.is_started("r2")
+    replies = [r for _, r in await router_a.read_replies(b"0-0", 100) if r]
+    assert [(r.request_id, r.attempt, r.seq, len(r.events)) for r in replies] == [
+        ("r1", 2, 1, 2),
+        ("r2", 0, 1, 1),
+        ("r2", 0, 2, 1),
+    ]
+    assert await worker.pending_count() == 0
+    lease = await worker.lease_of(job.request_id, 0)
+    assert lease is not None and lease.done and lease.worker_id == "w1"
+
+
+async def test_a_lease_goes_to_one_worker_and_a_fence_stops_it(
+    queues: tuple[WorkerQueue, RouterQueue, RouterQueue],
+) -> None:
+    worker, router, _ = queues
+    other = WorkerQueue(worker.redis, worker.keys, "w2", 5.0)
+    ref = AttemptRef("q1", 0, "acme", b"1-1")
+    assert await worker.acquire(ref) == (False, None, False)
+    assert await worker.acquire(ref) == (False, None, True)  # taken before: a re-run
+    check = await other.acquire(AttemptRef("q1", 0, "acme", b"1-1"))
+    assert check.holder is not None and check.holder.worker_id == "w1"
+    await router.announce_aborts([("q1", "other-tenant")])
+    assert (await worker.audit([ref], touch=False))[0][:2] == (False, None)
+    await router.announce_aborts([("q1", "acme")])
+    assert (await worker.audit([ref], touch=False))[0][:2] == (True, None)
+    await router.fence([("q1", 0)])
+    (check,) = await worker.audit([ref], touch=False)
+    assert check.holder is not None and check.holder.fenced
 
 
 async def test_first_write_after_a_quiet_spell_does_not_wait_for_the_window(

@@ -6,6 +6,7 @@ certificates made in the test (tests/security_support.py).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 
@@ -210,6 +211,33 @@ async def test_tenant_reaches_job_and_cap_is_per_tenant(
         served = await collect(stub, chat(max_tokens=4), bearer("beta"))
         assert served.kinds()[-1] == "usage"
         held.cancel()
+    assert await wait_engines_idle(stack.redis_url, stack.key_prefix) == 0
+
+
+async def test_abort_is_honoured_only_for_the_requests_tenant(
+    stack: Stack, pki: Pki, tls_router: Router
+) -> None:
+    """beta's Abort of alpha's request finds nothing and the stream goes on, also in the
+    engine (workers honour only alpha's abort marker); alpha's other key aborts it."""
+    _, target = tls_router
+    async with grpc.aio.secure_channel(target, tls(pki)) as channel:
+        stub = serve_pb2_grpc.InferenceStub(channel)
+        call = stub.Chat(chat(max_tokens=3000, ignore_eos=True), metadata=bearer("alpha"))
+        events = aiter(call)
+        request_id = (await anext(events)).started.request_id
+        abort = pb.AbortRequest(request_id=request_id)
+        assert not (await stub.Abort(abort, metadata=bearer("beta"), timeout=10)).found
+        await asyncio.sleep(2)  # a worker audit reads the markers once a second
+        tokens = 0
+        while tokens < 32:
+            event = await anext(events)
+            assert event.HasField("delta"), event
+            tokens += len(event.delta.token_ids)
+        assert (await stub.Abort(abort, metadata=bearer("alpha-2"), timeout=10)).found
+        rest = [event async for event in events]
+    finished = [e.finished for e in rest if e.HasField("finished")]
+    assert [f.reason for f in finished] == [pb.FINISH_REASON_ABORT]
+    assert rest[-1].HasField("usage")
     assert await wait_engines_idle(stack.redis_url, stack.key_prefix) == 0
 
 

@@ -8,9 +8,6 @@ process reaches it with settings from QS_* variables.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,9 @@ from redis import exceptions as redis_errors
 
 from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve.queue import acl
 from qwen_serve.queue.broker import (
+    AttemptRef,
     QueueUnavailable,
     RouterQueue,
     WorkerQueue,
@@ -29,6 +28,7 @@ from qwen_serve.queue.broker import (
     worker_queue,
 )
 from qwen_serve.queue.codec import Reply, WorkerStatus
+from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import QueueSettings
 from router import jobs, security
 from tests.helpers import chat
@@ -45,15 +45,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 ACL_PREFIX = "qs-acl"
 ACL_PASSWORD = security.new_key()
+SENTINEL_PASSWORD = security.new_key()
 
 
 @pytest.fixture(scope="module")
 def secure_redis(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """redis-server on TLS only, client certificates required, one ACL user; yields the port.
 
-    The default user is off; the user ``qwen-serve`` may touch only ``qs-acl:*``
-    keys and channels and no admin or dangerous command (the rule docs/security.md
-    recommends).
+    The default user is off; the router and worker users have the least-privilege
+    rules of ``qwen_serve/queue/acl.py`` for the ``qs-acl`` prefix (docs/security.md).
     """
     log_dir = tmp_path_factory.mktemp("secure-redis")
     port = devstack.free_port()
@@ -63,25 +63,74 @@ def secure_redis(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         f"tls-cert-file {pki.path('server.crt')}\ntls-key-file {pki.path('server.key')}\n"
         f"tls-ca-cert-file {pki.path('ca.crt')}\ntls-auth-clients yes\n"
         "user default off\n"
-        f"user qwen-serve on >{ACL_PASSWORD} ~{ACL_PREFIX}:* &{ACL_PREFIX}:* "
-        "+@all -@admin -@dangerous\n"
+        f"{acl.user_line('qs-router', ACL_PASSWORD, acl.router_rules(Keys(ACL_PREFIX)))}\n"
+        f"{acl.user_line('qs-worker', ACL_PASSWORD, acl.worker_rules(Keys(ACL_PREFIX)))}\n"
+        f"user sentinel on >{ACL_PASSWORD} allchannels +multi +slaveof +ping +exec +subscribe "
+        "+config|rewrite +role +publish +info +client|setname +client|kill +script|kill\n"
     )
     conf.chmod(0o600)
     proc = devstack.spawn("redis-tls", ["redis-server", str(conf)], log_dir)
     try:
-        end = time.monotonic() + 10
-        while proc.alive and time.monotonic() < end:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        assert proc.alive, proc.tail()
+        devstack.wait_port(port, proc)
         yield port
     finally:
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def tls_sentinel(
+    pki: Pki, secure_redis: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
+    """A Sentinel on TLS only (client certificates, a password) monitoring secure_redis."""
+    log_dir = tmp_path_factory.mktemp("tls-sentinel")
+    port = devstack.free_port()
+    conf = log_dir / "sentinel.conf"
+    conf.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {log_dir}\ntls-replication yes\n"
+        f"tls-cert-file {pki.path('server.crt')}\ntls-key-file {pki.path('server.key')}\n"
+        f"tls-ca-cert-file {pki.path('ca.crt')}\ntls-auth-clients yes\n"
+        f"requirepass {SENTINEL_PASSWORD}\n"
+        f"sentinel monitor qs 127.0.0.1 {secure_redis} 1\n"
+        f"sentinel auth-user qs sentinel\nsentinel auth-pass qs {ACL_PASSWORD}\n"
+    )
+    conf.chmod(0o600)
+    proc = devstack.spawn("sentinel-tls", ["redis-server", str(conf), "--sentinel"], log_dir)
+    try:
+        devstack.wait_port(port, proc)
+        yield port
+    finally:
+        proc.stop()
+
+
+async def test_sentinel_over_tls_with_passwords(pki: Pki, tls_sentinel: int) -> None:
+    """rediss+sentinel://: TLS and a password to the Sentinel, TLS and the ACL user to
+    the primary it names; a wrong Sentinel password is refused."""
+    url = f"rediss+sentinel://qs-router:{ACL_PASSWORD}@127.0.0.1:{tls_sentinel}/qs/0"
+    settings = _redis_settings(pki, 0).model_copy(
+        update={"redis_url": url, "redis_sentinel_password": SENTINEL_PASSWORD}
+    )
+    queue = router_queue(settings, "router-sentinel")
+    try:
+        await queue.heartbeat()
+        assert await queue.surviving_mark() == queue.mark
+    finally:
+        await queue.close()
+    wrong = settings.model_copy(update={"redis_sentinel_password": security.new_key()})
+    queue = router_queue(wrong, "router-refused")
+    try:
+        with pytest.raises(QueueUnavailable):
+            await queue.heartbeat()
+    finally:
+        await queue.close()
+
+
 def _redis_settings(
-    pki: Pki, port: int, password: str = ACL_PASSWORD, scheme: str = "rediss", **tls: str | None
+    pki: Pki,
+    port: int,
+    password: str = ACL_PASSWORD,
+    scheme: str = "rediss",
+    user: str = "qs-router",
+    **tls: str | None,
 ) -> QueueSettings:
     """Settings of the ACL user over TLS with the client certificate (overridable)."""
     files = {
@@ -90,17 +139,19 @@ def _redis_settings(
         "redis_tls_key_file": pki.path("client.key"),
     }
     return QueueSettings(
-        redis_url=f"{scheme}://qwen-serve:{password}@127.0.0.1:{port}/0",
+        redis_url=f"{scheme}://{user}:{password}@127.0.0.1:{port}/0",
         key_prefix=ACL_PREFIX,
         **{**files, **tls},
     )
 
 
 async def test_queue_runs_over_redis_acl_and_tls(pki: Pki, secure_redis: int) -> None:
-    """Every queue operation works as the prefix-limited ACL user over TLS; nothing else does."""
-    settings = _redis_settings(pki, secure_redis)
-    routers = router_queue(settings, "router-acl")
-    workers = worker_queue(settings, "worker-acl", block_ms=100)
+    """Every queue operation works as the router and worker users over TLS; other
+    keys, FLUSHALL, CONFIG and each other's commands are denied."""
+    routers = router_queue(_redis_settings(pki, secure_redis), "router-acl")
+    workers = worker_queue(
+        _redis_settings(pki, secure_redis, user="qs-worker"), "worker-acl", block_ms=100
+    )
     try:
         await workers.ensure_group()
         await workers.heartbeat(WorkerStatus(worker_id="worker-acl"))
@@ -110,22 +161,30 @@ async def test_queue_runs_over_redis_acl_and_tls(pki: Pki, secure_redis: int) ->
             chat(), router_id="router-acl", reply_stream=routers.reply_stream,
             deadline_unix_ms=0, trace={}, tenant="alpha",
         )  # fmt: skip
-        await routers.submit([job])
+        (written,) = await routers.submit([job])
         assert await routers.queue_depth() == 1
         (entry_id, claimed), *_ = await workers.claim(10, 100)
         assert claimed is not None and claimed.request_id == job.request_id
-        assert claimed.tenant == "alpha"
-        reply = Reply(request_id=job.request_id, worker_id="worker-acl")
-        await workers.send([(routers.reply_stream, reply)], started=[job.request_id])
+        assert claimed.tenant == "alpha" and entry_id == written
+        ref = AttemptRef(job.request_id, 0, "alpha", entry_id)
+        assert (await workers.acquire(ref)).holder is None
+        reply = Reply(request_id=job.request_id, worker_id="worker-acl", attempt=0, seq=1)
+        await workers.send([(routers.reply_stream, reply)], [(entry_id, ref)])
         replies = await routers.read_replies(b"0-0", 100)
         assert [r.request_id for _, r in replies if r] == [job.request_id]
-        assert await workers.is_started(job.request_id)
+        lease = await workers.lease_of(job.request_id, 0)
+        assert lease is not None and lease.done
         assert await workers.live_routers() == {"router-acl"}
-        await workers.finish(entry_id)
+        assert await routers.surviving_mark() == routers.mark
         assert await _abort_seen(routers, workers, job.request_id)
         for command in (("GET", "qs:jobs"), ("FLUSHALL",), ("CONFIG", "GET", "*")):
-            with pytest.raises(redis_errors.NoPermissionError):
-                await routers.redis.execute_command(*command)
+            for queue in (routers, workers):
+                with pytest.raises(redis_errors.NoPermissionError):
+                    await queue.redis.execute_command(*command)
+        with pytest.raises(redis_errors.NoPermissionError):
+            await workers.redis.xrange(routers.reply_stream)
+        with pytest.raises(redis_errors.NoPermissionError):
+            await routers.redis.xrange(routers.keys.jobs)
     finally:
         await workers.leave()
         await routers.close()
@@ -138,11 +197,11 @@ async def _abort_seen(routers: RouterQueue, workers: WorkerQueue, request_id: st
     heard = asyncio.ensure_future(anext(aborts))
     try:
         while not heard.done():
-            await routers.announce_aborts([request_id])
+            await routers.announce_aborts([(request_id, "alpha")])
             await asyncio.wait({heard}, timeout=0.2)
     finally:
         await aborts.aclose()
-    return heard.result() == request_id and await workers.is_aborted(request_id)
+    return heard.result() == request_id and await workers.is_aborted(request_id, "alpha")
 
 
 async def test_redis_refuses_wrong_password_plaintext_and_no_client_cert(
@@ -188,7 +247,7 @@ async def test_router_process_on_acl_tls_redis(pki: Pki, secure_redis: int, tmp_
         port,
         tmp_path,
         "--key-prefix",
-        f"{ACL_PREFIX}:router-test",
+        ACL_PREFIX,
         name="router-acl",
         env=env,
     )

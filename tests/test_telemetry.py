@@ -33,7 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from qwen_serve import devstack, metrics, telemetry
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
-from qwen_serve.settings import WorkerSettings
+from qwen_serve.queue.broker import RouterQueue, connect
+from qwen_serve.queue.keys import Keys
+from qwen_serve.settings import QueueSettings, WorkerSettings
+from router.jobs import make_job
 from tests.helpers import Collected, chat, collect
 from tests.otlp_receiver import OtlpReceiver, one
 
@@ -151,6 +154,7 @@ class TracedStack:
     router_metrics_port: int
     worker_metrics_port: int
     log_dir: Path
+    redis_url: str
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +187,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
             )
             target = f"127.0.0.1:{port}"
             devstack.wait_serving(target, procs)
-            yield TracedStack(receiver, target, router_mp, worker_mp, log_dir)
+            yield TracedStack(receiver, target, router_mp, worker_mp, log_dir, redis_url)
         finally:
             for proc in reversed(procs):
                 proc.stop()
@@ -436,3 +440,36 @@ async def test_logs_are_json_lines_with_request_and_trace_ids(
     assert in_request
     assert all(re.fullmatch("[0-9a-f]{32}", r["trace_id"]) for r in in_request)
     assert all(re.fullmatch("[0-9a-f]{16}", r["span_id"]) for r in in_request)
+
+
+@pytest.mark.e2e
+async def test_a_job_cancelled_before_it_started_counts_as_aborted(traced: TracedStack) -> None:
+    """A job whose client cancelled while it was queued is dropped by the worker: not ok."""
+    name = "qwen_serve_worker_jobs_total"
+    before = await asyncio.to_thread(scrape, traced.worker_metrics_port)
+    queue = RouterQueue(
+        connect(QueueSettings(redis_url=traced.redis_url)), Keys(), "test-router", 5
+    )
+    try:
+        await queue.heartbeat()
+        trace_id, _, metadata = client_traceparent()
+        job = make_job(
+            chat("never mind", max_tokens=4),
+            router_id="test-router",
+            reply_stream=queue.reply_stream,
+            deadline_unix_ms=0,
+            trace=dict(metadata),
+        )
+        await queue.announce_aborts([(job.request_id, job.tenant)])  # cancelled before the claim
+        await queue.submit([job])
+        consumer = one(traced.receiver.wait_trace(trace_id, "process qs:jobs"), kind="CONSUMER")
+    finally:
+        await queue.close()
+    assert consumer.attributes["qwen_serve.outcome"] == "aborted"
+    for _ in range(100):  # the span ends just before the count moves
+        after = await asyncio.to_thread(scrape, traced.worker_metrics_port)
+        if value(after, name, outcome="aborted") > value(before, name, outcome="aborted"):
+            break
+        await asyncio.sleep(0.2)
+    assert value(after, name, outcome="aborted") == value(before, name, outcome="aborted") + 1
+    assert value(after, name, outcome="ok") == value(before, name, outcome="ok")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+from typing import Any
 
 from qwen_serve import aio
+from qwen_serve.flags import add_settings_flags, settings_from_args
 from qwen_serve.queue.broker import worker_queue
-from qwen_serve.settings import WorkerSettings, add_queue_flags
+from qwen_serve.settings import WorkerSettings
 from worker import observability
 
 logger = logging.getLogger("worker")
@@ -19,35 +22,46 @@ logger = logging.getLogger("worker")
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     """Settings from flags over environment (QS_*, REDIS_URL)."""
     parser = argparse.ArgumentParser(prog="qwen-serve-worker", description=__doc__)
-    add_queue_flags(parser)
-    parser.add_argument("--profile", help="engine profile: cpu-tiny (default) or rocm-tp4")
-    parser.add_argument("--model", help="model path or id (default: the profile's)")
-    parser.add_argument("--served-model-name", help="name clients send in the model field")
-    parser.add_argument("--capacity", type=int, help="requests run at once (max_num_seqs)")
-    parser.add_argument("--max-model-len", type=int, help="context length")
-    parser.add_argument("--mtp-tokens", type=int, help="MTP speculative tokens (0: off)")
-    parser.add_argument("--kv-cache-gib", type=float, help="CPU KV cache size in GiB")
-    parser.add_argument(
-        "--structured-output-in-reasoning",
-        action="store_const",
-        const=True,
-        help="constrain reasoning too (vLLM enable_in_reasoning; for tests, not production)",
+    add_settings_flags(
+        parser,
+        WorkerSettings,
+        skip=("engine_args",),
+        flag_names={"image_url_hosts": "--image-url-host"},
+        aliases={"capacity": ["--max-num-seqs"]},
     )
-    parser.add_argument("--max-image-bytes", type=int, help="largest encoded image accepted")
-    parser.add_argument("--max-image-pixels", type=int, help="largest image decoded (w x h)")
     parser.add_argument(
-        "--image-url-host",
+        "--engine-arg",
         action="append",
-        dest="image_url_hosts",
-        help="fetch http(s) image URLs of this host (repeatable; default: refuse remote URLs)",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any further vLLM AsyncEngineArgs field, applied last (repeatable; VALUE is "
+        "JSON or a plain string, e.g. gdn_prefill_backend=triton); merged over "
+        "QS_ENGINE_ARGS, a JSON object",
     )
-    parser.add_argument("--image-fetch-timeout-s", type=float, help="remote image time limit")
-    parser.add_argument("--drain-grace-s", type=float, help="seconds to finish jobs on stop")
-    parser.add_argument(
-        "--coalesce-ms", type=float, help="least ms between reply writes (batching under load)"
-    )
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return WorkerSettings(**args)
+    args = parser.parse_args(argv)
+    try:
+        flagged = engine_arg_pairs(args.engine_arg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings = settings_from_args(WorkerSettings, args, parser)
+    if flagged:
+        settings.engine_args = {**settings.engine_args, **flagged}
+    return settings
+
+
+def engine_arg_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``--engine-arg KEY=VALUE`` items as a dict; VALUE parsed as JSON when it is JSON."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -56,7 +70,11 @@ async def serve(settings: WorkerSettings) -> int:
     from worker.engine import Engine
     from worker.service import Worker
 
-    engine = await Engine.start(settings)
+    try:
+        engine = await Engine.start(settings)
+    except ValueError as exc:  # a bad profile or engine setting (vb.EngineArgError among them)
+        logger.error("cannot start the engine: %s", exc)
+        return 2
     queue = worker_queue(settings, settings.worker_id, settings.claim_block_ms)
     worker = Worker(settings, engine, queue, capacity=engine.capacity)
     observability.watch(worker)

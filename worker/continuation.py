@@ -13,49 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
-
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import FAILED_PRECONDITION, RequestError
+from worker.detokenize import Detokenizer
 from worker.events import RequestStream
-
-
-class _Detokenizer:
-    """Incremental text of a choice's tokens, as the first attempt's engine produced it.
-
-    vLLM primes its detokenizer with the prompt, and a continuation's prompt ends
-    with the delivered tokens: when those end inside an invalid or unfinished UTF-8
-    sequence, the new engine's first text can repeat text the client already has.
-    This decoder is primed with the original prompt and steps through the delivered
-    tokens and then the new ones, so the text continues exactly where the client's
-    text stopped (vLLM's own ``FastIncrementalDetokenizer`` algorithm, one stream).
-    """
-
-    def __init__(self, backend: Any, prompt_ids: list[int], skip_special_tokens: bool) -> None:
-        self.backend = backend
-        self.skip = skip_special_tokens
-        self.stream = DecodeStream(ids=prompt_ids, skip_special_tokens=skip_special_tokens)
-
-    @classmethod
-    def of(
-        cls, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool
-    ) -> _Detokenizer | None:
-        """One for ``tokenizer`` if it wraps a ``tokenizers.Tokenizer``, else None."""
-        backend = getattr(tokenizer, "_tokenizer", None)
-        if not isinstance(backend, Tokenizer):
-            return None
-        return cls(backend, prompt_ids, skip_special_tokens)
-
-    def __call__(self, token_ids: list[int]) -> str:
-        return "".join(self._step(token_id) or "" for token_id in token_ids)
-
-    def _step(self, token_id: int) -> str | None:
-        try:
-            return self.stream.step(self.backend, token_id)
-        except Exception:  # an invalid prefix breaks the stream's state: restart it (as vLLM)
-            self.stream = DecodeStream(skip_special_tokens=self.skip)
-            return self.stream.step(self.backend, token_id)
 
 
 class TokenizerLike(Protocol):
@@ -98,7 +59,7 @@ def apply(
     choice = stream.choices[0]
     logprobs, choice.top_logprobs = choice.top_logprobs, None
     skip = bool(getattr(params, "skip_special_tokens", True))
-    text_of = _Detokenizer.of(tokenizer, prompt_ids, skip)
+    text_of = Detokenizer.of(tokenizer, prompt_ids, skip)
     if text_of is None:  # not a fast tokenizer: decode at once
         text = tokenizer.decode(delivered, skip_special_tokens=skip)
     else:

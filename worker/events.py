@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.errors import INTERNAL, RequestError
+from qwen_serve.errors import INTERNAL, RequestError, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ FINISH_REASONS: Final[Mapping[str, int]] = {
     "repetition": pb.FINISH_REASON_STOP,
 }
 """vLLM ``CompletionOutput.finish_reason`` -> API reason ("error" raises instead)."""
+UNSATISFIABLE: Final = (
+    "no output can satisfy this constraint: the engine's grammar rejected every token "
+    "the model could produce"
+)
 TOOL_CALL_END: Final = "</tool_call>"
 """The token that closes a qwen3_coder tool call: a call without it was cut off."""
 
@@ -45,8 +49,15 @@ class ParserLike(Protocol):
     ) -> Any:
         """DeltaMessage (content, reasoning, tool_calls) or None."""
 
-    def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
-        """Reasoning tokens among ``token_ids``."""
+
+class ReasoningCounterLike(Protocol):
+    """Counts a choice's reasoning tokens (``worker.vllm_boundary.ReasoningCounter``)."""
+
+    def feed(self, new_ids: Sequence[int], prompt_ids: Sequence[int] | None) -> None:
+        """Account for the next token ids of the choice (the prompt's ids given)."""
+
+    def count(self) -> int:
+        """Reasoning tokens so far."""
 
 
 class OutputLike(Protocol):
@@ -156,7 +167,7 @@ def complete_tool_calls(
         arguments = call.arguments or "{}"
         try:
             complete = isinstance(json.loads(arguments), dict)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             complete = False
         if not complete or not call.name:
             logger.info("dropping incomplete tool call %d (%s)", index, call.name or "no name")
@@ -214,6 +225,10 @@ class ChoiceStream:
     finished: bool = False
     detokenize: Callable[[list[int]], str] | None = None
     """Text of new token ids in place of the engine's (set for a continuation)."""
+    reasoning: ReasoningCounterLike | None = None
+    """Counts the reasoning tokens for usage; None: the choice has no reasoning."""
+    constraint: str | None = None
+    """The request field whose grammar constrains the output (``constraint_field``)."""
 
     def feed(self, output: OutputLike, prompt_token_ids: list[int] | None) -> list[pb.ChatEvent]:
         """Events for one delta output of this choice (a Delta and, at the end, Finished)."""
@@ -221,6 +236,8 @@ class ChoiceStream:
             return []
         new_ids = list(output.token_ids)
         self.token_ids.extend(new_ids)
+        if self.reasoning is not None:
+            self.reasoning.feed(new_ids, prompt_token_ids)
         done = output.finish_reason is not None
         events = []
         delta = self._delta(output, new_ids, prompt_token_ids, done)
@@ -228,6 +245,10 @@ class ChoiceStream:
             events.append(pb.ChatEvent(delta=delta))
         if done:
             self.finished = True
+            if output.finish_reason == "error" and self.constraint:
+                # With our engine settings vLLM fails a request only when its grammar
+                # rejects a sampled token: the constraint allows nothing from here on.
+                raise invalid(self.constraint, UNSATISFIABLE)
             stop = output.stop_reason
             if isinstance(stop, int) and stop not in self.stop_token_ids:
                 stop = None  # an end-of-sequence id from the generation config
@@ -249,10 +270,8 @@ class ChoiceStream:
         return complete_tool_calls(self.calls, closed)
 
     def reasoning_tokens(self) -> int:
-        """Reasoning tokens of this choice so far (per vLLM's reasoning parser)."""
-        if self.parser is None or not self.token_ids:
-            return 0
-        return self.parser.count_reasoning_tokens(tuple(self.token_ids))
+        """Reasoning tokens of this choice so far (what the parser streamed as reasoning)."""
+        return 0 if self.reasoning is None else self.reasoning.count()
 
     def _delta(
         self, output: OutputLike, new_ids: list[int], prompt_ids: list[int] | None, done: bool
@@ -357,8 +376,14 @@ def request_stream(
     request: Any,
     sampling: pb.SamplingParams,
     call_end_id: int | None,
+    counters: Sequence[ReasoningCounterLike | None] = (),
+    constraint: str | None = None,
 ) -> RequestStream:
-    """A RequestStream with one choice per parser (None: text passes through as content)."""
+    """A RequestStream with one choice per parser (None: text passes through as content).
+
+    ``counters`` count each choice's reasoning tokens (none given: no reasoning counted);
+    ``constraint`` names the field of the output constraint, if the request has one.
+    """
     top = (
         (sampling.top_logprobs if sampling.HasField("top_logprobs") else 0)
         if sampling.logprobs
@@ -368,7 +393,14 @@ def request_stream(
     return RequestStream(
         [
             ChoiceStream(
-                i, p, request, top_logprobs=top, stop_token_ids=stop_ids, call_end_id=call_end_id
+                i,
+                p,
+                request,
+                top_logprobs=top,
+                stop_token_ids=stop_ids,
+                call_end_id=call_end_id,
+                reasoning=counters[i] if i < len(counters) else None,
+                constraint=constraint,
             )
             for i, p in enumerate(parsers)
         ]

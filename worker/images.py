@@ -4,8 +4,9 @@ An image arrives as bytes (MIME type optional: the bytes are sniffed), as a ``da
 or, only for hosts on the worker's allow-list, as an http(s) URL that the worker fetches
 with a size and time limit. Each image must be PNG, JPEG, WebP or GIF (first frame), at
 most ``ImagePolicy.max_bytes`` encoded and ``ImagePolicy.max_pixels`` decoded (the
-decompression-bomb cap, checked from the header before any pixel is decoded), and must
-decode completely. Anything else is INVALID_ARGUMENT naming the part, e.g.
+decompression-bomb cap, checked from the header before any pixel is decoded), no more
+than 200 times longer than wide or the other way round (Qwen's vision processor refuses
+that), and must decode completely. Anything else is INVALID_ARGUMENT naming the part, e.g.
 ``messages[0].content[1].image``; nothing reaches the engine. Decoding runs in a thread.
 """
 
@@ -25,7 +26,7 @@ import aiohttp
 from PIL import Image as PILImage
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.errors import invalid
+from qwen_serve.errors import invalid, readable
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ IMAGE_MIME_TYPES: Final = frozenset(FORMATS)
 DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS: Final = 7680 * 4320
 DEFAULT_FETCH_TIMEOUT_S: Final = 10.0
+MAX_ASPECT_RATIO: Final = 200.0
+"""Longest side over shortest side that Qwen's vision processor accepts (``smart_resize``)."""
 _CHUNK: Final = 64 * 1024
 _SNIFF: Final = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -123,19 +126,32 @@ def decode(data: bytes, mime: str, field: str, policy: ImagePolicy) -> PILImage.
         raise invalid(field, "not a PNG, JPEG, WebP or GIF image")
     try:
         with PILImage.open(io.BytesIO(data), formats=[FORMATS[actual]]) as img:
-            width, height = img.size
-            if width * height > policy.max_pixels:
-                raise invalid(
-                    field,
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"at most {policy.max_pixels} allowed",
-                )
+            _check_size(*img.size, field, policy)
             img.load()
             return _to_rgb(img)
     except PILImage.DecompressionBombError as exc:
-        raise invalid(field, f"image exceeds {policy.max_pixels} pixels: {exc}") from None
+        raise invalid(field, f"image exceeds {policy.max_pixels} pixels: {readable(exc)}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise invalid(field, f"not a decodable {actual} image: {exc}") from None
+        raise invalid(field, f"not a decodable {actual} image: {readable(exc)}") from None
+
+
+def _check_size(width: int, height: int, field: str, policy: ImagePolicy) -> None:
+    """The header's dimensions against the pixel cap and the model's aspect-ratio limit."""
+    if width * height > policy.max_pixels:
+        raise invalid(
+            field,
+            f"image is {width}x{height} = {width * height} pixels; "
+            f"at most {policy.max_pixels} allowed",
+        )
+    if min(width, height) < 1:
+        raise invalid(field, f"image is {width}x{height}; both sides must be at least 1 pixel")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise invalid(
+            field,
+            f"image is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the model's vision "
+            f"encoder takes at most {MAX_ASPECT_RATIO:.0f}:1 (pad or crop the image)",
+        )
 
 
 def _data_url_bytes(url: str, field: str, policy: ImagePolicy) -> tuple[str, bytes]:
@@ -187,7 +203,7 @@ async def fetch(url: str, field: str, policy: ImagePolicy) -> bytes:
             field, f"fetching the image took longer than {policy.fetch_timeout_s:g} s"
         ) from None
     except (aiohttp.ClientError, ValueError) as exc:
-        raise invalid(field, f"fetching the image failed: {exc}") from None
+        raise invalid(field, f"fetching the image failed: {readable(exc)}") from None
 
 
 async def image_bytes(image: pb.Image, field: str, policy: ImagePolicy) -> tuple[str, bytes]:

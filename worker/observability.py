@@ -79,7 +79,7 @@ def setup(settings: WorkerSettings) -> None:
         os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", config.protocol)
         os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
     metrics.worker_metrics()
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
 
 
 def engine_args() -> dict[str, Any]:
@@ -126,7 +126,10 @@ class _Job:
     def end(self) -> None:
         """Close the consumer span and count the job."""
         gen, m = self.generation, metrics.worker_metrics()
-        finished = gen is not None and "abort" not in gen.finish_reasons
+        # Ok only when every choice finished: a job dropped before Started has no reasons.
+        finished = (
+            gen is not None and bool(gen.finish_reasons) and "abort" not in gen.finish_reasons
+        )
         outcome = self.outcome or ("ok" if finished else "aborted")
         self.span.set_attribute("qwen_serve.outcome", outcome)
         self.span.end()
@@ -259,7 +262,7 @@ class _Generation:
         for span in (*open_spans, self.span):
             if exc is not None:
                 _mark(span, exc)
-            elif span is self.span and "abort" in self.finish_reasons:
+            elif span is self.span and (not self.finish_reasons or "abort" in self.finish_reasons):
                 span.set_attribute("error.type", "aborted")
                 span.set_status(Status(StatusCode.ERROR, "aborted"))
             span.end()

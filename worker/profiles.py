@@ -26,23 +26,41 @@ Profiles:
     tool parser with auto tool choice, prefix caching. MTP speculative decoding is off
     unless ``Overrides.mtp_tokens`` > 0 (refused on CPU, where vLLM 0.32 crashes with it).
 
-Both use ``scheduling_policy="priority"`` so that the API's Priority reaches vLLM
-(see ``worker.requests.priority``: lower values are served first).
+``nvidia``
+    The same model card settings for NVIDIA GPUs: float16, tensor parallel 1 (the
+    ~40 GB checkpoint fits one H100/H200), ``gpu_memory_utilization`` 0.90 (CUDA graphs
+    need room beside the KV cache), 256000 tokens. Without the flashinfer package it
+    selects vLLM's Triton kernels (``gdn_prefill_backend="triton"`` and
+    ``VLLM_USE_FLASHINFER_SAMPLER=0``); vLLM 0.23 otherwise dies at the first prefill
+    with ``ModuleNotFoundError: flashinfer``.
+
+Every profile uses ``scheduling_policy="priority"`` so that the API's Priority reaches
+vLLM (see ``worker.requests.priority``: lower values are served first).
+
+A deployment changes any of it without code: the worker's flags and ``QS_*``
+variables for tensor parallelism, dtype, GPU memory share, context length, sequences
+and eager mode, and ``--engine-arg KEY=VALUE`` / ``QS_ENGINE_ARGS`` (a JSON object)
+for any other ``AsyncEngineArgs`` field, applied last.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+if TYPE_CHECKING:
+    from qwen_serve.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 CPU_TINY: Final = "cpu-tiny"
 ROCM_TP4: Final = "rocm-tp4"
+NVIDIA: Final = "nvidia"
 DEFAULT_TINY_MODEL_DIR: Final = ".cache/tiny-qwen3.5"
 KV_CACHE_ENV: Final = "VLLM_CPU_KVCACHE_SPACE"
 MTP_METHOD: Final = "mtp"
@@ -83,7 +101,17 @@ class EngineProfile:
     structured_output_in_reasoning: bool = False
     """Constrain reasoning too (vLLM ``enable_in_reasoning``); off: constraints start after
     ``</think>``, as the model card's server does. Tests turn it on to spell reasoning."""
+    flashinfer_fallback: bool = False
+    """Select vLLM's Triton kernels when the flashinfer package is missing (NVIDIA)."""
     extra_engine_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+FLASHINFER_FALLBACK_ARGS: Final[Mapping[str, Any]] = MappingProxyType(
+    {"gdn_prefill_backend": "triton"}
+)
+FLASHINFER_FALLBACK_ENV: Final[Mapping[str, str]] = MappingProxyType(
+    {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+)
 
 
 @dataclass(frozen=True)
@@ -99,29 +127,28 @@ class Overrides:
     mtp_tokens: int | None = None
     kv_cache_gib: float | None = None
     gpu_memory_utilization: float | None = None
+    enforce_eager: bool | None = None
     scheduling_policy: SchedulingPolicy | None = None
     structured_output_in_reasoning: bool | None = None
     extra_engine_args: Mapping[str, Any] = field(default_factory=dict)
-    """More ``AsyncEngineArgs`` keywords, applied last (an escape hatch)."""
+    """More ``AsyncEngineArgs`` keywords, applied last (``--engine-arg``, ``QS_ENGINE_ARGS``)."""
 
     @classmethod
-    def from_settings(cls, settings: object) -> Overrides:
-        """Overrides from an object with the worker settings' attribute names.
-
-        Reads ``model``, ``served_model_name``, ``capacity`` (max_num_seqs),
-        ``max_model_len``, ``mtp_tokens``, ``kv_cache_gib`` and
-        ``structured_output_in_reasoning`` where present.
-        """
+    def from_settings(cls, settings: WorkerSettings) -> Overrides:
+        """The engine overrides among the worker settings (``capacity`` is max_num_seqs)."""
         return cls(
-            model=getattr(settings, "model", None),
-            served_model_name=getattr(settings, "served_model_name", None),
-            max_num_seqs=getattr(settings, "capacity", None),
-            max_model_len=getattr(settings, "max_model_len", None),
-            mtp_tokens=getattr(settings, "mtp_tokens", None),
-            kv_cache_gib=getattr(settings, "kv_cache_gib", None),
-            structured_output_in_reasoning=getattr(
-                settings, "structured_output_in_reasoning", None
-            ),
+            model=settings.model,
+            served_model_name=settings.served_model_name,
+            max_num_seqs=settings.capacity,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            dtype=settings.dtype,
+            mtp_tokens=settings.mtp_tokens,
+            kv_cache_gib=settings.kv_cache_gib,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+            structured_output_in_reasoning=settings.structured_output_in_reasoning,
+            extra_engine_args=dict(settings.engine_args),
         )
 
 
@@ -134,6 +161,9 @@ class ResolvedProfile:
     """Keyword arguments for ``vllm.AsyncEngineArgs``."""
     env: Mapping[str, str]
     """Environment variables to set before the engine starts."""
+    deployment_args: Mapping[str, Any] = field(default_factory=dict)
+    """The engine arguments a deployment set (overrides and extra arguments): the ones
+    checked against vLLM's ``AsyncEngineArgs`` at start."""
 
     @property
     def name(self) -> str:
@@ -207,6 +237,19 @@ PROFILES: Final[Mapping[str, EngineProfile]] = MappingProxyType(
             gpu_memory_utilization=0.95,
             skip_mm_profiling=True,
         ),
+        NVIDIA: EngineProfile(
+            name=NVIDIA,
+            device="gpu",
+            model="btbtyler09/Qwen3.5-35B-A3B-GPTQ-8bit",
+            served_model_name="qwen3.5-35b-a3b",
+            dtype="float16",
+            max_model_len=256000,
+            max_num_seqs=None,
+            tensor_parallel_size=1,
+            gpu_memory_utilization=0.90,
+            skip_mm_profiling=True,
+            flashinfer_fallback=True,
+        ),
     }
 )
 
@@ -236,6 +279,7 @@ def apply_overrides(profile: EngineProfile, overrides: Overrides | None) -> Engi
             "mtp_tokens",
             "kv_cache_gib",
             "gpu_memory_utilization",
+            "enforce_eager",
             "scheduling_policy",
             "structured_output_in_reasoning",
         )
@@ -276,6 +320,11 @@ def _engine_args(profile: EngineProfile) -> dict[str, Any]:
         "max_model_len": profile.max_model_len,
         "tensor_parallel_size": profile.tensor_parallel_size,
         "limit_mm_per_prompt": {"image": profile.max_images_per_prompt},
+        # No multimodal processor cache: its frontend half records an image as sent to
+        # the engine as soon as the image is processed, so a request refused after that
+        # (prompt too long, aborted while rendering) leaves it out of step with the
+        # engine's half, and the next request with that image fails in the engine.
+        "mm_processor_cache_gb": 0,
         "enable_prefix_caching": profile.enable_prefix_caching,
         "reasoning_parser": profile.reasoning_parser,
         "scheduling_policy": profile.scheduling_policy,
@@ -288,18 +337,31 @@ def _engine_args(profile: EngineProfile) -> dict[str, Any]:
         args["enforce_eager"] = True
     if profile.skip_mm_profiling:
         args["skip_mm_profiling"] = True
+    # One grammar backend: vLLM's engine compiles every constraint with the backend of the
+    # first one it sees, so "auto" (validate with xgrammar, fall back to guidance) let a
+    # constraint that only guidance accepted fail in xgrammar's compiler, in the engine.
+    structured: dict[str, Any] = {"backend": "xgrammar"}
     if profile.structured_output_in_reasoning:
-        args["structured_outputs_config"] = {"enable_in_reasoning": True}
+        structured["enable_in_reasoning"] = True
+    args["structured_outputs_config"] = structured
     if profile.mtp_tokens > 0:
         args["speculative_config"] = {
             "method": MTP_METHOD,
             "num_speculative_tokens": profile.mtp_tokens,
         }
+    if _flashinfer_missing(profile):
+        args.update(FLASHINFER_FALLBACK_ARGS)
     args.update(profile.extra_engine_args)
     return args
 
 
+def _flashinfer_missing(profile: EngineProfile) -> bool:
+    return profile.flashinfer_fallback and importlib.util.find_spec("flashinfer") is None
+
+
 def _env(profile: EngineProfile) -> dict[str, str]:
+    if _flashinfer_missing(profile):
+        return dict(FLASHINFER_FALLBACK_ENV)
     if profile.device != "cpu" or profile.kv_cache_gib is None:
         return {}
     gib = math.ceil(profile.kv_cache_gib)
@@ -310,14 +372,32 @@ def _env(profile: EngineProfile) -> dict[str, str]:
     return {KV_CACHE_ENV: str(gib)}
 
 
+DEPLOYMENT_ARG_NAMES: Final = (
+    "model",
+    "served_model_name",
+    "max_model_len",
+    "max_num_seqs",
+    "tensor_parallel_size",
+    "dtype",
+    "gpu_memory_utilization",
+    "enforce_eager",
+)
+"""Override fields that are ``AsyncEngineArgs`` fields of the same name."""
+
+
 def resolve(profile: EngineProfile | str, overrides: Overrides | None = None) -> ResolvedProfile:
     """Apply ``overrides`` to ``profile`` (or the profile of that name)."""
     base = get_profile(profile) if isinstance(profile, str) else profile
     effective = apply_overrides(base, overrides)
+    args = _engine_args(effective)
+    chosen = set(overrides.extra_engine_args) if overrides else set()
+    if overrides is not None:
+        chosen.update(n for n in DEPLOYMENT_ARG_NAMES if getattr(overrides, n) is not None)
     return ResolvedProfile(
         profile=effective,
-        engine_args=MappingProxyType(_engine_args(effective)),
+        engine_args=MappingProxyType(args),
         env=MappingProxyType(_env(effective)),
+        deployment_args=MappingProxyType({k: args[k] for k in sorted(chosen) if k in args}),
     )
 
 

@@ -11,7 +11,6 @@ Images are fetched, checked and decoded beforehand by ``worker.images`` (see
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -19,13 +18,17 @@ from typing import Any, Final
 
 import jsonschema
 from PIL.Image import Image as PILImage
-from vllm import SamplingParams
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.exceptions import VLLMValidationError
-from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+from qwen_serve import jsontext
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.errors import RequestError, invalid
+from qwen_serve.errors import RequestError, clean, invalid
+from worker.vllm_boundary import (
+    ChatCompletionRequest,
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+    VLLMValidationError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ RESERVED_TEMPLATE_KWARGS: Final = frozenset(
     {"chat_template", "tools", "documents", "messages", "tokenize"}
     | {"add_generation_prompt", "continue_final_message"}
 )
+BOOLEAN_TEMPLATE_KWARGS: Final = frozenset({"enable_thinking", "thinking"})
+"""Template switches that vLLM's reasoning parsers read too: they must be booleans."""
 SAMPLING_DEFAULTS: Final[Mapping[str, float | int]] = {
     "temperature": 1.0,
     "top_p": 1.0,
@@ -91,13 +96,7 @@ def _content(
 
 
 def _json_object(text: str, field: str, *, empty: str = "{}") -> dict[str, Any]:
-    try:
-        value = json.loads(text or empty)
-    except json.JSONDecodeError as exc:
-        raise invalid(field, f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise invalid(field, "must be a JSON object")
-    return value
+    return jsontext.load_object(text or empty, field)
 
 
 def _tool_calls(message: pb.Message, field: str) -> list[dict[str, Any]]:
@@ -153,6 +152,9 @@ def chat_messages(
 
 
 def _check_schema(schema: Any, field: str) -> None:
+    declared = schema.get("$schema") if isinstance(schema, dict) else None
+    if declared is not None and not isinstance(declared, str):
+        raise invalid(field, '"$schema" must be a URI string')
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -207,6 +209,9 @@ def chat_template_kwargs(req: pb.ChatRequest) -> dict[str, Any]:
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if reserved:
         raise invalid(field, f"may not set {', '.join(reserved)}")
+    for name in BOOLEAN_TEMPLATE_KWARGS & kwargs.keys():
+        if not isinstance(kwargs[name], bool):
+            raise invalid(field, f"{name} must be true or false")
     if req.HasField("enable_thinking"):
         kwargs["enable_thinking"] = req.enable_thinking
     return kwargs
@@ -249,16 +254,32 @@ def structured_field(so: pb.StructuredOutput) -> str | None:
     return None if kind is None else f"structured_output.{kind}"
 
 
+def constraint_field(req: pb.ChatRequest | pb.GenerateRequest) -> str | None:
+    """The API field whose constraint the engine's grammar enforces, if any.
+
+    ``structured_output``; else, for a chat whose tool choice forces a call, the
+    tools whose parameter schemas vLLM turns into the grammar.
+    """
+    field = structured_field(req.structured_output)
+    if field is not None or isinstance(req, pb.GenerateRequest) or not req.tools:
+        return field
+    choice = req.tool_choice
+    if choice.mode == pb.ToolChoice.MODE_REQUIRED:
+        return "tools"
+    if choice.mode == pb.ToolChoice.MODE_FUNCTION:
+        names = [tool.name for tool in req.tools]
+        if choice.function_name in names:
+            return f"tools[{names.index(choice.function_name)}].parameters_json_schema"
+    return None
+
+
 def structured_outputs(
     so: pb.StructuredOutput, field: str = "structured_output"
 ) -> StructuredOutputsParams | None:
     """The constraint as vLLM ``StructuredOutputsParams``; None when unconstrained."""
     kind = so.WhichOneof("kind")
     if kind == "json_schema":
-        try:
-            schema = json.loads(so.json_schema)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"{field}.json_schema", f"not valid JSON: {exc}") from None
+        schema = jsontext.load(so.json_schema, f"{field}.json_schema")
         if not isinstance(schema, dict | bool):
             raise invalid(f"{field}.json_schema", "must be a JSON object")
         _check_schema(schema, f"{field}.json_schema")
@@ -377,7 +398,7 @@ def from_validation_error(exc: VLLMValidationError, field: str) -> RequestError:
     """INVALID_ARGUMENT for a vLLM validation error, naming the field where known."""
     parameter = exc.parameter or ""
     message = exc.args[0] if exc.args else str(exc)
-    return invalid(SAMPLING_FIELDS.get(parameter, field), str(message))
+    return invalid(SAMPLING_FIELDS.get(parameter, field), clean(str(message)))
 
 
 def priority(p: int) -> int:

@@ -90,19 +90,24 @@ function escapeRegex(text) {
 }
 
 // Streams one Chat call, printing each event; resolves with the Finished events.
+// A failure rejects with the call's gRPC status. Before Started it is the only sign;
+// after Started an `error` event comes first and the status repeats its code and
+// details (err.afterStarted is then that event).
 function streamChat(client, request, { turn, apiKey, timeoutS }) {
   const metadata = new grpc.Metadata();
   if (apiKey) metadata.add('authorization', `Bearer ${apiKey}`);
   const deadline = new Date(Date.now() + timeoutS * 1000);
   return new Promise((resolve, reject) => {
     const finished = [];
+    let failed = null;
     const call = client.Chat(request, metadata, { deadline });
     call.on('data', (event) => {
       const kind = event.event; // started | delta | finished | usage | error
       console.log(JSON.stringify({ turn, type: kind, ...event[kind] }));
       if (kind === 'finished') finished.push(event.finished);
+      if (kind === 'error') failed = event.error;
     });
-    call.on('error', reject); // a gRPC status: the request was not accepted, or deadline/cancel
+    call.on('error', (err) => reject(Object.assign(err, { afterStarted: failed })));
     call.on('end', () => resolve(finished));
   });
 }
@@ -118,6 +123,7 @@ function options() {
       'max-tokens': { type: 'string', default: '64' },
       timeout: { type: 'string', default: '120' },
       'force-tool-call': { type: 'boolean', default: false },
+      regex: { type: 'string' }, // constrain the first turn's output to this regex
     },
   });
   return values;
@@ -139,6 +145,7 @@ async function main() {
   const sampling = { max_tokens: Number(opts['max-tokens']), temperature: 0 };
   const first = { messages, tools: [GET_WEATHER], sampling, enable_thinking: false };
   if (opts['force-tool-call']) first.structured_output = { regex: escapeRegex(FORCED_CALL) };
+  if (opts.regex) first.structured_output = { regex: opts.regex };
 
   const finished = await streamChat(client, first, { turn: 1, ...call });
   const calls = finished.flatMap((f) => f.tool_calls || []);
@@ -157,6 +164,10 @@ async function main() {
 
 main().catch((err) => {
   const code = err.code !== undefined ? grpc.status[err.code] : 'ERROR';
-  console.error(`error ${code}: ${err.details || err.message}`);
+  const when = err.afterStarted ? ' after Started' : '';
+  // The server's retry hint, in gRPC's standard trailer (when it gives one).
+  const pushback = err.metadata ? err.metadata.get('grpc-retry-pushback-ms')[0] : undefined;
+  const hint = pushback !== undefined ? ` (retry in ${pushback} ms)` : '';
+  console.error(`error ${code}${when}: ${err.details || err.message}${hint}`);
   process.exit(1);
 });

@@ -3,7 +3,8 @@
 A stream entry is ``{b"m": <serialised message>}``, except on reply streams,
 whose entries are ``{b"b": <serialised ReplyBatch>}`` (several replies per
 entry; readers still accept a single ``b"m"`` Reply, the format of workers
-before ReplyBatch). Decoding never evaluates data: a malformed entry raises
+before ReplyBatch). String values (a lease) are the serialised message
+itself. Decoding never evaluates data: a malformed entry raises
 :class:`CodecError`.
 """
 
@@ -14,16 +15,18 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from qwen_serve.queue.v1.queue_pb2 import Job, Reply, ReplyBatch, WorkerStatus
+from qwen_serve.queue.v1.queue_pb2 import Job, Lease, Reply, ReplyBatch, WorkerStatus
 
 __all__ = [
     "BATCH_FIELD",
     "FIELD",
     "CodecError",
     "Job",
+    "Lease",
     "Reply",
     "WorkerStatus",
     "decode",
+    "decode_lease",
     "decode_replies",
     "encode",
     "encode_replies",
@@ -67,3 +70,14 @@ def decode_replies(fields: dict[bytes, bytes]) -> list[Reply]:
     if raw is None:
         return [decode(Reply, fields)]
     return list(decode(ReplyBatch, raw).replies)
+
+
+def decode_lease(raw: bytes) -> Lease:
+    """A lease value; the plain worker id that older workers stored reads as its holder."""
+    try:
+        lease = decode(Lease, raw)
+    except CodecError:
+        lease = None
+    if lease is None or not (lease.worker_id or lease.fenced):
+        return Lease(worker_id=raw.decode(errors="replace"))
+    return lease

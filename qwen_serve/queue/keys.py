@@ -42,13 +42,23 @@ class Keys:
         """Reply stream of one router."""
         return f"{self.prefix}:replies:{router_id}"
 
-    def abort_marker(self, request_id: str) -> str:
-        """Set while a request is aborted, so a late claim sees it."""
-        return f"{self.prefix}:abort:{request_id}"
+    def abort_marker(self, request_id: str, tenant: str = "") -> str:
+        """Set while a request is aborted for ``tenant``, so a late claim sees it.
 
-    def started(self, request_id: str) -> str:
-        """Set once a worker has started streaming a request (value: worker id)."""
-        return f"{self.prefix}:started:{request_id}"
+        Only an abort by the request's own tenant counts; without API keys every
+        caller is tenant "" (the key name of releases before tenant scoping).
+        """
+        suffix = f":{tenant}" if tenant else ""
+        return f"{self.prefix}:abort:{request_id}{suffix}"
+
+    def lease(self, request_id: str, attempt: int) -> str:
+        """Lease of one attempt of a request (a Lease message): who runs it.
+
+        Attempt 0 keeps the name of the older "started" marker, so workers of the
+        previous release see a leased first attempt as started during a rolling upgrade.
+        """
+        suffix = f":{attempt}" if attempt else ""
+        return f"{self.prefix}:started:{request_id}{suffix}"
 
     def worker_status(self, worker_id: str) -> str:
         """Heartbeat value of one worker (a WorkerStatus message)."""

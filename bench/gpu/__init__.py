@@ -1,0 +1,1 @@
+"""GPU runs on a lent NVIDIA machine: prepare here, run there (bench/gpu/device.sh)."""

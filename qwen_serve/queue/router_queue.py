@@ -1,0 +1,168 @@
+"""The router's side of the queue: submit jobs, read replies, abort, fence attempts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from qwen_serve.queue.base import LEASE_TTL_S, QueueBase, replies_or_none
+from qwen_serve.queue.codec import Job, Lease, Reply, decode_lease, encode
+from qwen_serve.queue.connection import now_ms, redis_errors_as_unavailable
+from qwen_serve.queue.keys import WORKER_GROUP, Keys
+
+ABORT_MARKER_TTL_S = 600
+REPLY_STREAM_TTL_S = 3600
+FENCED = Lease(fenced=True).SerializeToString()
+
+
+class RouterQueue(QueueBase):
+    """The router's side: submit jobs, read replies, announce aborts, fence attempts."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, router_id: str, ttl_s: float) -> None:
+        super().__init__(client, keys, ttl_s)
+        self.router_id = router_id
+        self.reply_stream = keys.replies(router_id)
+        self.mark = 0
+        """The newest write mark (see ``submit``)."""
+
+    def _next_mark(self) -> int:
+        self.mark = max(self.mark + 1, now_ms())
+        return self.mark
+
+    async def submit(
+        self, jobs: Sequence[Job], fence: Sequence[tuple[str, int]] = ()
+    ) -> list[bytes]:
+        """Append jobs to the job stream in one pipelined round trip; their entry ids.
+
+        ``fence`` (request id, attempt) pairs are fenced first, in the same round
+        trip: a continuation fences the attempt it replaces. After the jobs, the
+        router's heartbeat score is set to a new write mark (``self.mark``): Redis
+        applies and replicates writes in order, so a mark that survives an outage
+        proves that every job written with it or before survived too.
+        """
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._fence(pipe, fence)
+                for job in jobs:
+                    pipe.xadd(self.keys.jobs, encode(job))  # type: ignore[arg-type]
+                pipe.zadd(self.keys.routers, {self.router_id: self._next_mark()})
+                results = await pipe.execute()
+        return [bytes(r) for r in results[len(fence) : len(fence) + len(jobs)]]
+
+    async def surviving_mark(self) -> int:
+        """The newest write mark Redis still has (0 if it lost them all)."""
+        with redis_errors_as_unavailable():
+            score: Any = await self.redis.zscore(self.keys.routers, self.router_id)
+        return int(score or 0)
+
+    async def last_delivered_id(self) -> bytes:
+        """The newest job entry delivered to any worker ("0-0" if none)."""
+        with redis_errors_as_unavailable():
+            try:
+                groups: Any = await self.redis.xinfo_groups(self.keys.jobs)
+            except redis_errors.ResponseError:
+                return b"0-0"
+        for group in groups:
+            if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
+                return bytes(group["last-delivered-id"])
+        return b"0-0"
+
+    async def fence(self, attempts: Sequence[tuple[str, int]]) -> None:
+        """Mark these (request id, attempt) pairs as replaced: their workers stop."""
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._fence(pipe, attempts)
+                await pipe.execute()
+
+    def _fence(self, pipe: Any, attempts: Sequence[tuple[str, int]]) -> None:
+        for request_id, attempt in attempts:
+            pipe.set(self.keys.lease(request_id, attempt), FENCED, ex=LEASE_TTL_S)
+
+    async def attempt_states(
+        self, attempts: Sequence[tuple[str, int, bytes]]
+    ) -> list[tuple[Lease | None, bool]]:
+        """For (request id, attempt, job entry id): the attempt's lease and whether the
+        entry is pending in the worker group (claimed and not acknowledged)."""
+        if not attempts:
+            return []
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request_id, attempt, entry_id in attempts:
+                    pipe.get(self.keys.lease(request_id, attempt))
+                    pipe.xpending_range(self.keys.jobs, WORKER_GROUP, entry_id, entry_id, 1)
+                results = await pipe.execute(raise_on_error=False)
+        out: list[tuple[Lease | None, bool]] = []
+        for raw, pending in zip(results[::2], results[1::2], strict=True):
+            lease = decode_lease(raw) if isinstance(raw, bytes) else None
+            out.append((lease, isinstance(pending, list) and bool(pending)))
+        return out
+
+    async def read_replies(
+        self, last_id: bytes, block_ms: int, count: int = 512
+    ) -> list[tuple[bytes, Reply | None]]:
+        """Replies after ``last_id``; None for an entry that does not decode."""
+        with redis_errors_as_unavailable():
+            found: Any = await self.redis.xread(
+                {self.reply_stream: last_id}, count=count, block=block_ms
+            )
+        out: list[tuple[bytes, Reply | None]] = []
+        for _stream, entries in found or []:
+            for entry_id, fields in entries:
+                out += [(entry_id, reply) for reply in replies_or_none(fields)]
+        return out
+
+    async def last_reply_id(self) -> bytes | None:
+        """The newest id this router's reply stream ever held; None if it does not exist."""
+        with redis_errors_as_unavailable():
+            try:
+                info: Any = await self.redis.xinfo_stream(self.reply_stream)
+            except redis_errors.ResponseError:
+                return None
+        return bytes(info["last-generated-id"])
+
+    async def trim_replies(self, upto_id: bytes) -> None:
+        """Drop reply entries already read."""
+        with redis_errors_as_unavailable():
+            await self.redis.xtrim(self.reply_stream, minid=upto_id, approximate=True)
+
+    async def announce_aborts(self, aborts: Sequence[tuple[str, str]]) -> None:
+        """Tell every worker to abort these (request id, tenant) pairs, also if claimed later.
+
+        A worker honours the marker only for the request's own tenant.
+        """
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request_id, tenant in aborts:
+                    marker = self.keys.abort_marker(request_id, tenant)
+                    pipe.set(marker, b"1", ex=ABORT_MARKER_TTL_S)
+                    pipe.publish(self.keys.aborts, request_id)
+                await pipe.execute()
+
+    async def queue_depth(self) -> int:
+        """Jobs not yet claimed by any worker."""
+        with redis_errors_as_unavailable():
+            try:
+                groups = await self.redis.xinfo_groups(self.keys.jobs)
+            except redis_errors.ResponseError:  # stream does not exist yet
+                return 0
+            for group in groups:
+                if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
+                    return int(group.get("lag") or 0)
+            return int(await self.redis.xlen(self.keys.jobs))
+
+    async def heartbeat(self) -> None:
+        """Record that this router is alive and keep its reply stream from expiring."""
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.routers, {self.router_id: self._next_mark()})
+                pipe.expire(self.reply_stream, REPLY_STREAM_TTL_S)
+                await pipe.execute()
+
+    async def leave(self) -> None:
+        """Remove this router's heartbeat and reply stream on a clean stop."""
+        with redis_errors_as_unavailable():
+            await self.redis.zrem(self.keys.routers, self.router_id)
+            await self.redis.delete(self.reply_stream)

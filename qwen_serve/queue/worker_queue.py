@@ -1,0 +1,365 @@
+"""The worker's side of the queue: claims, leases, replies, aborts, heartbeats.
+
+A worker claims jobs with ``XREADGROUP``. Before its engine generates, it
+takes the attempt's lease (``SET NX``, with the abort check in the same
+round trip), so at most one worker streams an attempt; once a heartbeat it
+re-reads the leases and abort markers of what it runs (the audit) and
+renews the idle time of their entries, so an entry idle for long is one
+nobody runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from qwen_serve.queue.base import (
+    DONE_LEASE_TTL_S,
+    LEASE_TTL_S,
+    QueueBase,
+    decode_or_none,
+    text,
+)
+from qwen_serve.queue.codec import Job, Lease, Reply, WorkerStatus, decode_lease, encode
+from qwen_serve.queue.codec import encode_replies as encode_batch
+from qwen_serve.queue.connection import QueueUnavailable, now_ms, redis_errors_as_unavailable
+from qwen_serve.queue.keys import WORKER_GROUP, Keys
+
+logger = logging.getLogger(__name__)
+
+REPLY_STREAM_MAXLEN = 100_000
+
+
+class AttemptRef(NamedTuple):
+    """One attempt a worker runs (or is about to): what its lease and abort keys need."""
+
+    request_id: str
+    attempt: int
+    tenant: str
+    entry_id: bytes
+
+
+class LeaseCheck(NamedTuple):
+    """The answer of :meth:`WorkerQueue.acquire` and :meth:`WorkerQueue.audit`."""
+
+    aborted: bool
+    holder: Lease | None
+    """None: the lease is this worker's. Otherwise who else holds it (or its tombstone)."""
+    again: bool = False
+    """The lease was this worker's already (for ``acquire``: the attempt ran here before)."""
+
+
+class WorkerQueue(QueueBase):
+    """The worker's side: claim jobs, hold leases, stream replies, heartbeat."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        worker_id: str,
+        ttl_s: float,
+        outage_s: float = 0.0,
+    ) -> None:
+        super().__init__(client, keys, ttl_s)
+        self.worker_id = worker_id
+        self.status_ttl_ms = self.ttl_ms + int(outage_s * 1000)
+
+    # -------------------------------------------------------------- claims
+
+    async def ensure_group(self) -> None:
+        """Create the job stream's consumer group if it is missing."""
+        with redis_errors_as_unavailable():
+            try:
+                await self.redis.xgroup_create(self.keys.jobs, WORKER_GROUP, id="0", mkstream=True)
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def claim(self, count: int, block_ms: int) -> list[tuple[bytes, Job | None]]:
+        """Claim up to ``count`` new jobs; None for an entry that does not decode.
+
+        Recreates the consumer group if Redis lost it (a restart without persistence).
+        """
+        return await self._read_group(">", count, block_ms)
+
+    async def own_pending(self, count: int) -> list[tuple[bytes, Job | None]]:
+        """Entries delivered to this worker and not acknowledged (its pending list).
+
+        A claim whose answer never arrived (a timeout, a stall) left its jobs here.
+        """
+        return await self._read_group("0", count, None)
+
+    async def _read_group(
+        self, start: str, count: int, block_ms: int | None
+    ) -> list[tuple[bytes, Job | None]]:
+        with redis_errors_as_unavailable():
+            try:
+                found: Any = await self._xreadgroup(start, count, block_ms)
+            except redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                logger.warning("consumer group missing (Redis restarted?); recreating it")
+                await self.ensure_group()
+                found = await self._xreadgroup(start, count, block_ms)
+        # A pending entry deleted meanwhile reads as empty: None, like a malformed one.
+        return [
+            (entry_id, decode_or_none(Job, fields) if fields else None)
+            for _stream, entries in found or []
+            for entry_id, fields in entries
+        ]
+
+    async def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> Any:
+        return await self.redis.xreadgroup(
+            WORKER_GROUP, self.worker_id, {self.keys.jobs: start}, count=count, block=block_ms
+        )
+
+    async def pending_count(self) -> int:
+        """How many entries this worker holds in the group's pending list."""
+        with redis_errors_as_unavailable():
+            try:
+                summary: Any = await self.redis.xpending(self.keys.jobs, WORKER_GROUP)
+            except redis_errors.ResponseError:
+                return 0
+        for consumer in summary.get("consumers") or []:
+            if text(consumer["name"]) == self.worker_id:
+                return int(consumer["pending"])
+        return 0
+
+    async def stalled(self, idle_ms: int, count: int) -> list[tuple[str, bytes, int]]:
+        """Pending entries of other consumers untouched for ``idle_ms``:
+        (consumer, entry id, deliveries)."""
+        with redis_errors_as_unavailable():
+            try:
+                pending: Any = await self.redis.xpending_range(
+                    self.keys.jobs, WORKER_GROUP, "-", "+", count, idle=idle_ms
+                )
+            except redis_errors.ResponseError:
+                return []
+        return [
+            (text(p["consumer"]), p["message_id"], int(p["times_delivered"]))
+            for p in pending
+            if text(p["consumer"]) != self.worker_id
+        ]
+
+    async def orphaned(self, live: set[str], count: int) -> list[tuple[str, bytes, int]]:
+        """Pending jobs of consumers that are not in ``live``: (consumer, entry id, deliveries)."""
+        with redis_errors_as_unavailable():
+            try:
+                consumers: Any = await self.redis.xinfo_consumers(self.keys.jobs, WORKER_GROUP)
+            except redis_errors.ResponseError:  # no stream or group yet
+                return []
+            out: list[tuple[str, bytes, int]] = []
+            for consumer in consumers:
+                name = text(consumer["name"])
+                if name in live or name == self.worker_id:
+                    continue
+                if not consumer["pending"]:
+                    await self.redis.xgroup_delconsumer(self.keys.jobs, WORKER_GROUP, name)
+                    continue
+                pending: Any = await self.redis.xpending_range(
+                    self.keys.jobs, WORKER_GROUP, "-", "+", count, consumername=name
+                )
+                out += [(name, p["message_id"], int(p["times_delivered"])) for p in pending]
+                if len(out) >= count:
+                    break
+        return out[:count]
+
+    async def take_over(
+        self, entry_ids: Sequence[bytes], min_idle_ms: int = 0
+    ) -> list[tuple[bytes, Job | None]]:
+        """Claim the given pending entries for this worker (counts as a delivery).
+
+        Only entries still idle for ``min_idle_ms`` move (Redis checks it atomically).
+        """
+        if not entry_ids:
+            return []
+        with redis_errors_as_unavailable():
+            found: Any = await self.redis.xclaim(
+                self.keys.jobs, WORKER_GROUP, self.worker_id, min_idle_ms, list(entry_ids)
+            )
+        return [(entry_id, decode_or_none(Job, fields)) for entry_id, fields in found if fields]
+
+    async def hand_back(self, entry_id: bytes, worker_id: str) -> None:
+        """Give a pending entry back to the worker whose lease runs it (no new delivery)."""
+        with redis_errors_as_unavailable():
+            await self.redis.xclaim(
+                self.keys.jobs, WORKER_GROUP, worker_id, 0, [entry_id], justid=True
+            )
+
+    async def dead_letter(self, entry_id: bytes, job: Job | None, reason: str) -> None:
+        """Move a job to the dead-letter stream and remove it from the job stream."""
+        fields: dict[bytes, bytes] = {b"reason": reason.encode()}
+        if job is not None:
+            fields.update(encode(job))
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.keys.dead_letters, fields, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
+                pipe.xack(self.keys.jobs, WORKER_GROUP, entry_id)
+                pipe.xdel(self.keys.jobs, entry_id)
+                await pipe.execute()
+
+    # -------------------------------------------------------------- leases
+
+    def _lease_value(self, entry_id: bytes, done: bool = False) -> bytes:
+        return Lease(
+            worker_id=self.worker_id, entry_id=entry_id.decode(), done=done
+        ).SerializeToString()
+
+    async def lease_of(self, request_id: str, attempt: int) -> Lease | None:
+        """The lease of one attempt, if any worker (or a router's fence) set it."""
+        with redis_errors_as_unavailable():
+            raw: Any = await self.redis.get(self.keys.lease(request_id, attempt))
+        return decode_lease(raw) if raw is not None else None
+
+    async def acquire(self, ref: AttemptRef) -> LeaseCheck:
+        """Whether ``ref`` was aborted, and take its lease unless somebody holds it."""
+        (check,) = await self.audit([ref], touch=False)
+        return check
+
+    async def audit(self, refs: Sequence[AttemptRef], touch: bool = True) -> list[LeaseCheck]:
+        """For each attempt: aborted?, and its lease (re-taken if Redis lost it).
+
+        With ``touch``, the entries' idle time restarts (they are being run).
+        One round trip.
+        """
+        if not refs:
+            return []
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ref in refs:
+                    pipe.exists(self.keys.abort_marker(ref.request_id, ref.tenant))
+                    pipe.set(
+                        self.keys.lease(ref.request_id, ref.attempt),
+                        self._lease_value(ref.entry_id),
+                        nx=True,
+                        get=True,
+                        ex=LEASE_TTL_S,
+                    )
+                if touch:
+                    ids: list[Any] = [ref.entry_id for ref in refs]
+                    pipe.xclaim(self.keys.jobs, WORKER_GROUP, self.worker_id, 0, ids, justid=True)
+                results = await pipe.execute()
+        return [
+            LeaseCheck(bool(aborted), self._holder(ref, raw), raw is not None)
+            for ref, aborted, raw in zip(refs, results[0::2], results[1::2], strict=False)
+        ]
+
+    def _holder(self, ref: AttemptRef, raw: bytes | None) -> Lease | None:
+        if raw is None:
+            return None
+        lease = decode_lease(raw)
+        mine = lease.worker_id == self.worker_id and lease.entry_id == ref.entry_id.decode()
+        return None if mine and not (lease.done or lease.fenced) else lease
+
+    # -------------------------------------------------------------- replies and ends
+
+    async def send(
+        self,
+        replies: Sequence[tuple[str, Reply]],
+        ends: Sequence[tuple[bytes, AttemptRef | None]] = (),
+    ) -> None:
+        """Append replies to their routers' reply streams (one entry per stream), then
+        acknowledge the jobs of ``ends`` (``finish``): one round trip, in that order."""
+        by_stream: dict[str, list[Reply]] = {}
+        for stream, reply in replies:
+            by_stream.setdefault(stream, []).append(reply)
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, batch in by_stream.items():
+                    pipe.xadd(
+                        stream,
+                        encode_batch(batch),  # type: ignore[arg-type]
+                        maxlen=REPLY_STREAM_MAXLEN,
+                        approximate=True,
+                    )
+                for entry_id, leased in ends:
+                    self._finish(pipe, entry_id, leased)
+                await pipe.execute()
+
+    async def finish(self, entry_id: bytes, leased: AttemptRef | None = None) -> None:
+        """Acknowledge a job and delete it from the job stream; mark its lease done."""
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._finish(pipe, entry_id, leased)
+                await pipe.execute()
+
+    def _finish(self, pipe: Any, entry_id: bytes, leased: AttemptRef | None) -> None:
+        pipe.xack(self.keys.jobs, WORKER_GROUP, entry_id)
+        pipe.xdel(self.keys.jobs, entry_id)
+        if leased is not None:
+            pipe.set(
+                self.keys.lease(leased.request_id, leased.attempt),
+                self._lease_value(entry_id, done=True),
+                ex=DONE_LEASE_TTL_S,
+            )
+
+    # -------------------------------------------------------------- aborts
+
+    async def is_aborted(self, request_id: str, tenant: str = "") -> bool:
+        """Whether ``request_id`` was aborted by its tenant."""
+        with redis_errors_as_unavailable():
+            return bool(await self.redis.exists(self.keys.abort_marker(request_id, tenant)))
+
+    async def aborts(self) -> AsyncIterator[str]:
+        """Request ids as routers abort them; raises QueueUnavailable when the channel breaks.
+
+        The ids are hints: the tenant-scoped abort marker decides (``is_aborted``).
+        """
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            with _pubsub_errors():
+                await pubsub.subscribe(self.keys.aborts)
+            while True:
+                with _pubsub_errors():
+                    message = await pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    yield bytes(message["data"]).decode(errors="replace")
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -------------------------------------------------------------- liveness
+
+    async def live_routers(self, grace_ms: int = 0) -> set[str]:
+        """Ids of routers whose heartbeat is fresh (``grace_ms`` widens fresh)."""
+        with redis_errors_as_unavailable():
+            ids: list[Any] = await self.redis.zrangebyscore(
+                self.keys.routers, now_ms() - self.ttl_ms - grace_ms, "+inf"
+            )
+        return {text(i) for i in ids}
+
+    async def heartbeat(self, status: WorkerStatus) -> None:
+        """Publish this worker's status; it expires unless renewed (TTL plus the outage bound)."""
+        status.heartbeat_unix_ms = now_ms()
+        with redis_errors_as_unavailable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(
+                    self.keys.worker_status(self.worker_id),
+                    status.SerializeToString(),
+                    px=self.status_ttl_ms,
+                )
+                pipe.zadd(self.keys.workers, {self.worker_id: status.heartbeat_unix_ms})
+                pipe.zremrangebyscore(self.keys.workers, "-inf", now_ms() - 10 * self.ttl_ms)
+                await pipe.execute()
+
+    async def leave(self) -> None:
+        """Remove this worker's heartbeat on a clean stop."""
+        with redis_errors_as_unavailable():
+            await self.redis.zrem(self.keys.workers, self.worker_id)
+            await self.redis.delete(self.keys.worker_status(self.worker_id))
+
+
+@contextlib.contextmanager
+def _pubsub_errors() -> Iterator[None]:
+    """Connection failures of a subscription, including redis-py's AttributeError on a
+    connection torn down under it by a Redis restart, as QueueUnavailable."""
+    try:
+        with redis_errors_as_unavailable():
+            yield
+    except AttributeError as exc:
+        raise QueueUnavailable(f"abort subscription broken: {exc!r}") from exc

@@ -1,0 +1,321 @@
+"""What the fault-injection tests share: the fault stack, clients, outcome counting.
+
+The fault stack is one redis-server (append-only file on, as the Kubernetes
+manifests run it), two workers with the CPU engine and a router, all real
+processes, started once per session (``faults`` in conftest.py) because the
+tests kill, freeze and restart them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from qwen_serve import devstack
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve.queue.broker import RouterQueue, connect
+from qwen_serve.queue.codec import Job, Reply, encode
+from qwen_serve.queue.keys import WORKER_GROUP, Keys
+from qwen_serve.settings import QueueSettings
+from router.jobs import make_job
+from tests.helpers import chat
+from tests.reliability import Outcome
+
+PREFIX = "qs-faults"
+Stub = serve_pb2_grpc.InferenceStub
+
+
+@dataclass
+class FaultStack:
+    """Processes of the fault stack, restartable by the tests."""
+
+    log_dir: Path
+    redis_port: int
+    redis: devstack.Proc
+    workers: list[devstack.Proc]
+    router: devstack.Proc
+    router_port: int
+    extra: list[devstack.Proc] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.router_port}"
+
+    def all(self) -> list[devstack.Proc]:
+        return [self.router, *self.workers, *self.extra, self.redis]
+
+    def settings(self) -> QueueSettings:
+        return QueueSettings(redis_url=self.redis_url, key_prefix=PREFIX)
+
+    def queue(self, router_id: str = "probe") -> RouterQueue:
+        """A RouterQueue on the stack's Redis (the caller closes it)."""
+        return RouterQueue(connect(self.settings(), 1000), Keys(PREFIX), router_id, 5.0)
+
+    def restart_redis(self) -> None:
+        """SIGKILL redis-server and start it again on its port and append-only file."""
+        self.redis.kill()
+        self.redis, _ = devstack.start_redis(self.log_dir, self.redis_port, aof=True)
+
+
+DRAIN_GRACE_S = 3
+
+
+def start_worker(log_dir: Path, redis_url: str, name: str) -> devstack.Proc:
+    flags = ("--key-prefix", PREFIX, "--drain-grace-s", str(DRAIN_GRACE_S))
+    return devstack.start_worker(redis_url, log_dir, *flags, name=name)
+
+
+def start_router(log_dir: Path, redis_url: str, port: int, name: str) -> devstack.Proc:
+    flags = ("--key-prefix", PREFIX, "--max-inflight-per-tenant", "1024")
+    return devstack.start_router(redis_url, port, log_dir, *flags, name=name)
+
+
+@contextlib.contextmanager
+def fault_stack(log_dir: Path) -> Iterator[FaultStack]:
+    """Start the fault stack; stop whatever is left of it at the end."""
+    port = devstack.free_port()
+    redis, url = devstack.start_redis(log_dir, port, aof=True)
+    workers = [start_worker(log_dir, url, f"worker-{i}") for i in range(2)]
+    router_port = devstack.free_port()
+    router = start_router(log_dir, url, router_port, "router")
+    stack = FaultStack(log_dir, port, redis, workers, router, router_port)
+    try:
+        devstack.wait_serving(stack.target, stack.all())
+        asyncio.run(await_workers(stack, 2))
+        yield stack
+    finally:
+        for proc in stack.all():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGCONT)  # a test that failed mid-freeze
+            proc.stop(timeout=20)
+
+
+async def live_worker_ids(stack: FaultStack) -> set[str]:
+    queue = stack.queue()
+    try:
+        return {w.worker_id for w in await queue.live_workers()}
+    finally:
+        await queue.close()
+
+
+async def await_workers(stack: FaultStack, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(await live_worker_ids(stack)) < count:
+        assert time.monotonic() < deadline, "workers did not come up"
+        await asyncio.sleep(1)
+
+
+def worker_id(proc: devstack.Proc) -> str:
+    """The id a worker process logged at start."""
+    found = re.search(r"starting worker (\S+)", proc.log_path.read_text())
+    assert found, proc.tail()
+    return found.group(1)
+
+
+async def busiest_worker(stack: FaultStack, timeout: float = 60) -> devstack.Proc:
+    """The worker process running the most requests, once the heartbeats show any."""
+    ids = {worker_id(proc): proc for proc in stack.workers}
+    deadline = time.monotonic() + timeout
+    queue = stack.queue()
+    try:
+        while True:
+            running = {w.worker_id: w.running for w in await queue.live_workers()}
+            busiest = max(ids, key=lambda wid: running.get(wid, 0))
+            if running.get(busiest, 0) > 0:
+                return ids[busiest]
+            assert time.monotonic() < deadline, running
+            await asyncio.sleep(0.2)
+    finally:
+        await queue.close()
+
+
+def freeze(proc: devstack.Proc) -> None:
+    """SIGSTOP the process and its engine's processes (a VM pause, a long GC, a stall)."""
+    os.killpg(proc.popen.pid, signal.SIGSTOP)
+
+
+def thaw(proc: devstack.Proc) -> None:
+    """SIGCONT what freeze() stopped."""
+    os.killpg(proc.popen.pid, signal.SIGCONT)
+
+
+# ------------------------------------------------------------------ clients
+
+
+@dataclass
+class Stream:
+    """What one client saw."""
+
+    token_ids: list[int] = field(default_factory=list)
+    content: str = ""
+    started: int = 0
+    request_id: str = ""
+    finished: list[pb.Finished] = field(default_factory=list)
+    usage: pb.Usage | None = None
+    error: pb.Error | None = None
+    status: grpc.StatusCode | None = None
+    ended_at: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.usage is not None and self.error is None and self.status is None
+
+    @property
+    def aborted(self) -> bool:
+        reasons = {f.reason for f in self.finished}
+        return self.usage is not None and reasons == {pb.FINISH_REASON_ABORT}
+
+    @property
+    def clear_failure(self) -> bool:
+        retryable = self.error is not None and self.error.retryable
+        return retryable or self.status in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+
+async def run_stream(
+    stub: Stub,
+    request: pb.ChatRequest | pb.GenerateRequest,
+    progress: asyncio.Event | None = None,
+    timeout: float = 300,
+    after_tokens: int = 8,
+    out: Stream | None = None,
+) -> Stream:
+    """Run one call to its end; ``progress`` is set once ``after_tokens`` arrived.
+
+    ``out`` (filled as events arrive) lets the caller watch the stream meanwhile.
+    """
+    out = out if out is not None else Stream()
+    call = stub.Chat if isinstance(request, pb.ChatRequest) else stub.Generate
+    try:
+        async for event in call(request, timeout=timeout):  # type: ignore[operator]
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                out.started += 1
+                out.request_id = event.started.request_id
+            elif kind == "delta":
+                out.token_ids.extend(event.delta.token_ids)
+                out.content += event.delta.content
+                if progress is not None and len(out.token_ids) >= after_tokens:
+                    progress.set()
+            elif kind == "finished":
+                out.finished.append(event.finished)
+            elif kind == "usage":
+                out.usage = event.usage
+            elif kind == "error":
+                out.error = event.error
+    except grpc.aio.AioRpcError as exc:
+        out.status = exc.code()
+    out.ended_at = time.monotonic()
+    return out
+
+
+def long_chat(i: int, tokens: int = 120) -> pb.ChatRequest:
+    return chat(f"Request {i}: describe the system.", max_tokens=tokens, ignore_eos=True)
+
+
+def raw_generate(i: int, tokens: int) -> pb.GenerateRequest:
+    """A greedy raw generation (no parser): its text is exactly its tokens' decoding."""
+    return pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[100 + i, 200, 300, 400]),
+        sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+    )
+
+
+def assert_exact(streams: list[Stream], tokens: int, backend: object) -> None:
+    """Every stream complete, one Started, exactly ``tokens`` tokens, text = their decoding."""
+    for stream in streams:
+        assert stream.complete, (stream.status, stream.error)
+        assert stream.started == 1
+        assert len(stream.token_ids) == tokens
+        expected = backend.decode(stream.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        # vLLM holds back a trailing incomplete UTF-8 sequence at the very end of a stream.
+        assert stream.content == expected.rstrip("\ufffd")
+
+
+def outcome(streams: list[Stream], expected_tokens: int | None = None) -> Outcome:
+    duplicates = sum(
+        1
+        for s in streams
+        if s.started > 1 or (expected_tokens and s.complete and len(s.token_ids) > expected_tokens)
+    )
+    missing = sum(
+        1 for s in streams if expected_tokens and s.complete and len(s.token_ids) < expected_tokens
+    )
+    return Outcome(
+        sent=len(streams),
+        completed=sum(s.complete for s in streams),
+        failed_clear=sum((not s.complete) and s.clear_failure for s in streams),
+        lost=sum((not s.complete) and not s.clear_failure for s in streams) + missing,
+        duplicates=duplicates,
+    )
+
+
+# ------------------------------------------------------------------ the queue directly
+
+
+async def submit_claimed_by_ghost(
+    queue: RouterQueue, job: Job, retrycount: int = 0, consumer: str = "ghost-worker"
+) -> bytes:
+    """Queue ``job`` and, atomically, claim it as ``consumer``, which never runs it.
+
+    With a consumer that never heartbeats, that is the state a SIGKILLed worker leaves:
+    the job pending on a dead consumer.
+    """
+    keys = Keys(PREFIX)
+    async with queue.redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(keys.jobs, encode(job))  # type: ignore[arg-type]
+        pipe.xreadgroup(WORKER_GROUP, consumer, {keys.jobs: ">"}, count=1)
+        _, claimed = await pipe.execute()
+    entry_id: bytes = claimed[0][1][0][0]
+    if retrycount:
+        await queue.redis.xclaim(
+            keys.jobs, WORKER_GROUP, consumer, 0, [entry_id], retrycount=retrycount
+        )
+    return entry_id
+
+
+async def submit_as_router(
+    stack: FaultStack, router_id: str, tokens: int = 6
+) -> tuple[RouterQueue, Job]:
+    queue = stack.queue(router_id)
+    await queue.heartbeat()
+    job = make_job(
+        chat("Reclaim me", max_tokens=tokens, ignore_eos=True),
+        router_id=router_id,
+        reply_stream=queue.reply_stream,
+        deadline_unix_ms=0,
+        trace={},
+    )
+    return queue, job
+
+
+async def replies_until_terminal(queue: RouterQueue, timeout: float = 120) -> list[pb.ChatEvent]:
+    events: list[pb.ChatEvent] = []
+    last, deadline = b"0-0", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await queue.heartbeat()
+        for entry_id, reply in await queue.read_replies(last, block_ms=500):
+            last = entry_id
+            assert isinstance(reply, Reply)
+            events.extend(reply.events)
+        if events and events[-1].WhichOneof("event") in ("usage", "error"):
+            return events
+    raise AssertionError(f"no terminal event; got {events}")
