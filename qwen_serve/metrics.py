@@ -102,6 +102,19 @@ class RouterMetrics:
             ["type"],
             **kw,
         )
+        self.tenant_requests = Counter(
+            "qwen_serve_tenant_requests",
+            "Requests by tenant ('anonymous' without API keys) and admission outcome: "
+            "admitted, or limited (refused by the tenant's limits).",
+            ["tenant", "outcome"],
+            **kw,
+        )
+        self.tenant_tokens = Counter(
+            "qwen_serve_tenant_tokens",
+            "Tokens of a tenant's finished requests by type: prompt, output.",
+            ["tenant", "type"],
+            **kw,
+        )
         self._genai(kw)
 
     def _genai(self, kw: dict[str, Any]) -> None:

@@ -117,6 +117,12 @@ class RouterSettings(QueueSettings):
         description="Lines 'tenant:key' or 'tenant:sha256:<hex>'; set, every Inference call "
         "needs 'authorization: Bearer <key>'. Unset, auth is off (dev default).",
     )
+    tenant_limits_file: str | None = Field(
+        default=None,
+        description="Lines 'tenant inflight=N rpm=N tpm=N' ('*': every other tenant), held "
+        "in Redis and exact across routers (router/quotas.py). Unset: no tenant limits "
+        "beyond max_inflight_per_tenant.",
+    )
     auth_health: bool = Field(
         default=False, description="Require an API key for health and reflection too."
     )

@@ -28,6 +28,7 @@ from qwen_serve.queue.codec import Job, Reply, WorkerStatus
 from qwen_serve.settings import RouterSettings
 from router import observability
 from router.channels import Channel, Verdict, is_terminal
+from router.quotas import Quotas, load_limits
 from router.recovery import StreamRecovery
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,14 @@ class Dispatcher:
         self.channels: dict[str, Channel] = {}
         self.outage = Outage(settings.redis_outage_s, settings.heartbeat_ttl_s)
         self.recovery = StreamRecovery(self)
+        self.quotas = Quotas(
+            queue.redis,
+            queue.keys,
+            load_limits(settings.tenant_limits_file),
+            settings.retry_after_ms,
+        )
+        self._quota_held: dict[str, str] = {}
+        """Tenant by request id, of the streams holding a tenant-limit slot in Redis."""
         self.tasks = Tasks(f"router {settings.router_id}")
         self._per_tenant: dict[str, int] = {}
         self._pending: asyncio.Queue[_Submission] = asyncio.Queue()
@@ -147,6 +156,7 @@ class Dispatcher:
 
         Leaving early (client cancel, deadline, error) aborts the request.
         """
+        await self._take_quota(job)
         channel = Channel(job)
         self.channels[job.request_id] = channel
         self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
@@ -158,10 +168,13 @@ class Dispatcher:
                 yield event
                 if is_terminal(event):
                     finished = event.HasField("usage")
+                    if finished:
+                        self._charge(job.tenant, event.usage)
                     return
         finally:
             self.channels.pop(job.request_id, None)
             self._release_tenant(job.tenant)
+            self._release_quota(job.request_id)
             if not finished:
                 self._aborts.put_nowait((job.request_id, job.tenant))
 
@@ -171,6 +184,46 @@ class Dispatcher:
             self._per_tenant[tenant] = left
         else:
             self._per_tenant.pop(tenant, None)
+
+    async def _take_quota(self, job: Job) -> None:
+        """Take the tenant's limit slot in Redis (RequestError if over a limit).
+
+        While Redis does not answer the limits are not enforced: the job could not be
+        queued either, and the router's own per-tenant cap still holds.
+        """
+        try:
+            held = await self.quotas.admit(job.tenant, job.request_id)
+        except RequestError:
+            observability.tenant_admission(job.tenant, "limited")
+            raise
+        except QueueUnavailable as exc:
+            logger.debug("tenant limits not checked: %s", exc)
+            held = False
+        observability.tenant_admission(job.tenant, "admitted")
+        if held:
+            self._quota_held[job.request_id] = job.tenant
+
+    def _release_quota(self, request_id: str) -> None:
+        tenant = self._quota_held.pop(request_id, None)
+        if tenant is not None:
+            self.tasks.spawn(
+                self._quietly("free a tenant slot", self.quotas.release(tenant, request_id))
+            )
+
+    def _charge(self, tenant: str, usage: pb.Usage) -> None:
+        observability.tenant_tokens(tenant, usage)
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        self.tasks.spawn(
+            self._quietly("count a tenant's tokens", self.quotas.charge(tenant, tokens))
+        )
+
+    @staticmethod
+    async def _quietly(what: str, call: Awaitable[None]) -> None:
+        """Await a quota write; Redis failing only costs its accuracy (a slot expires)."""
+        try:
+            await call
+        except QueueUnavailable as exc:
+            logger.warning("could not %s: %s", what, exc)
 
     async def abort(self, request_id: str, tenant: str = "") -> bool:
         """Abort a request of ``tenant`` wherever it runs; True if this router streams it.
@@ -304,6 +357,7 @@ class Dispatcher:
             self._redis_answered(took=time.monotonic() - began)
             workers = await self.queue.live_workers(self.outage.grace_ms())
             depth = await self.queue.queue_depth()
+            await self.quotas.refresh([(t, r) for r, t in self._quota_held.items()])
         except QueueUnavailable as exc:
             if self.view.redis_ok:
                 logger.warning("queue unreachable: %s", exc)

@@ -395,3 +395,20 @@ def _end_producer(span: Span, written: asyncio.Future[None]) -> None:
         span.record_exception(exc)
         span.set_status(Status(StatusCode.ERROR, str(exc)))
     span.end()
+
+
+def tenant_label(tenant: str) -> str:
+    """A tenant as a metric label ("anonymous" when auth is off)."""
+    return tenant or "anonymous"
+
+
+def tenant_admission(tenant: str, outcome: str) -> None:
+    """Count a request of ``tenant`` admitted or limited by its tenant limits."""
+    metrics.router_metrics().tenant_requests.labels(tenant_label(tenant), outcome).inc()
+
+
+def tenant_tokens(tenant: str, usage: pb.Usage) -> None:
+    """Count a finished request's tokens for its tenant."""
+    m = metrics.router_metrics().tenant_tokens
+    m.labels(tenant_label(tenant), "prompt").inc(usage.prompt_tokens)
+    m.labels(tenant_label(tenant), "output").inc(usage.completion_tokens)

@@ -63,3 +63,15 @@ class Keys:
     def worker_status(self, worker_id: str) -> str:
         """Heartbeat value of one worker (a WorkerStatus message)."""
         return f"{self.prefix}:worker:{worker_id}"
+
+    def tenant_inflight(self, tenant: str) -> str:
+        """Sorted set of a tenant's open request ids scored by slot expiry (epoch ms)."""
+        return f"{self.prefix}:tenant:{tenant}:inflight"
+
+    def tenant_requests(self, tenant: str, minute: int) -> str:
+        """Requests a tenant was admitted in one minute (epoch ms // 60000)."""
+        return f"{self.prefix}:tenant:{tenant}:rpm:{minute}"
+
+    def tenant_tokens(self, tenant: str, minute: int) -> str:
+        """Tokens a tenant's finished requests used in one minute (epoch ms // 60000)."""
+        return f"{self.prefix}:tenant:{tenant}:tpm:{minute}"
