@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 
 from qwen_serve import aio
@@ -24,20 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     observability.setup(settings)
     logging.getLogger(__name__).info("starting router %s", settings.router_id)
-    tune_gc()
+    aio.freeze_heap()
     aio.run(_serve(settings))
-
-
-def tune_gc() -> None:
-    """Fewer garbage collections on the event path.
-
-    Relaying a token allocates several short-lived protobuf and asyncio objects,
-    so CPython's default young-generation threshold (700) collects many times a
-    second under load. The objects made at start-up (modules, settings) are
-    frozen out of every collection. Measured in docs/benchmarks.md.
-    """
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
 
 
 async def _serve(settings: RouterSettings) -> None:

@@ -80,6 +80,7 @@ async def serve(settings: WorkerSettings) -> int:
     observability.watch(worker)
     worker.status.config_fix = config_fix.fix_status()
     logger.info("model card config fix: %s", worker.status.config_fix)
+    aio.freeze_heap()  # vLLM, torch and the tokenizer: ~700,000 objects no collection walks
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)

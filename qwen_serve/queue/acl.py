@@ -41,7 +41,7 @@ def router_rules(keys: Keys) -> list[str]:
         f"(%R~{keys.workers} +zrangebyscore)",
         f"(%R~{keys.worker_status('*')} +mget)",
         "+script|load",  # tenant limits (router/quotas.py): its script, then its commands
-        f"(~{keys.prefix}:tenant:* +evalsha +eval +zremrangebyscore +zcard +zadd +zrem"
+        f"(~{keys.prefix}:tenant:* +evalsha +zremrangebyscore +zcard +zadd +zrem"
         " +pexpireat +pexpire +get +incr +incrby)",
     ]
 
