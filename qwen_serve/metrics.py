@@ -16,7 +16,9 @@ logger that sets the engine gauges from vLLM's scheduler stats.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
+import time
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -65,6 +67,7 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67108864
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_response_model")
 
 
@@ -226,6 +229,20 @@ class EngineStats:
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         self.engine = str(engine_index)
         self.metrics = worker_metrics()
+        self._series: dict[int, tuple[Any, Any, Any, Any]] = {}
+
+    def _of(self, engine_idx: int) -> tuple[Any, Any, Any, Any]:
+        """One engine's labelled series, looked up once (``record`` runs every step)."""
+        series = self._series.get(engine_idx)
+        if series is None:
+            m, engine = self.metrics, str(engine_idx)
+            series = self._series[engine_idx] = (
+                m.kv_cache_usage.labels(engine),
+                m.engine_running.labels(engine),
+                m.engine_waiting.labels(engine),
+                m.preemptions.labels(engine),
+            )
+        return series
 
     def record(
         self,
@@ -235,13 +252,13 @@ class EngineStats:
         engine_idx: int = 0,
     ) -> None:
         """Set the gauges from one step's stats."""
-        m, engine = self.metrics, str(engine_idx)
+        kv_cache, running, waiting, preemptions = self._of(engine_idx)
         if scheduler_stats is not None:
-            m.kv_cache_usage.labels(engine).set(scheduler_stats.kv_cache_usage)
-            m.engine_running.labels(engine).set(scheduler_stats.num_running_reqs)
-            m.engine_waiting.labels(engine).set(scheduler_stats.num_waiting_reqs)
+            kv_cache.set(scheduler_stats.kv_cache_usage)
+            running.set(scheduler_stats.num_running_reqs)
+            waiting.set(scheduler_stats.num_waiting_reqs)
         if iteration_stats is not None and iteration_stats.num_preempted_reqs:
-            m.preemptions.labels(engine).inc(iteration_stats.num_preempted_reqs)
+            preemptions.inc(iteration_stats.num_preempted_reqs)
 
     def log(self) -> None:
         """Nothing to print: the gauges are scraped."""
@@ -250,15 +267,47 @@ class EngineStats:
         """Nothing to print."""
 
 
+class ProcessMetrics:
+    """What every qwen-serve process measures of itself: garbage-collection pauses."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.gc_pause = Histogram(
+            "qwen_serve_gc_pause_seconds",
+            "Garbage collections of this process by generation and how long each took: a "
+            "collection stops the process's event loop, so every stream it serves waits.",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=registry,
+        )
+
+
+@functools.cache
+def process_metrics() -> ProcessMetrics:
+    """This process's metrics in the default registry; times every collection from now on."""
+    m = ProcessMetrics()
+    started = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            m.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(timed)
+    return m
+
+
 @functools.cache
 def router_metrics() -> RouterMetrics:
     """The router's metrics in the default registry (created once)."""
+    process_metrics()
     return RouterMetrics()
 
 
 @functools.cache
 def worker_metrics() -> WorkerMetrics:
     """The worker's metrics in the default registry (created once)."""
+    process_metrics()
     return WorkerMetrics()
 
 

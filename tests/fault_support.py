@@ -168,6 +168,7 @@ class Stream:
     usage: pb.Usage | None = None
     error: pb.Error | None = None
     status: grpc.StatusCode | None = None
+    details: str = ""
     ended_at: float = 0.0
 
     @property
@@ -222,9 +223,33 @@ async def run_stream(
             elif kind == "error":
                 out.error = event.error
     except grpc.aio.AioRpcError as exc:
-        out.status = exc.code()
+        out.status, out.details = exc.code(), exc.details() or ""
     out.ended_at = time.monotonic()
     return out
+
+
+async def start_streams(
+    stub: Stub, count: int, tokens: int, timeout: float = 300
+) -> tuple[list[asyncio.Task[Stream]], list[Stream]]:
+    """``count`` greedy raw streams, returned once every one has tokens.
+
+    Fails at once, naming what it ended with, if a stream ends before it has tokens.
+    """
+    outs = [Stream() for _ in range(count)]
+    ready = [asyncio.Event() for _ in range(count)]
+    tasks = [
+        asyncio.create_task(run_stream(stub, raw_generate(i, tokens), ready[i], out=outs[i]))
+        for i in range(count)
+    ]
+    deadline = time.monotonic() + timeout
+    while not all(event.is_set() for event in ready):
+        ended = [
+            s for s, t, e in zip(outs, tasks, ready, strict=True) if t.done() and not e.is_set()
+        ]
+        assert not ended, f"streams ended before their first tokens: {ended}"
+        assert time.monotonic() < deadline, f"streams without tokens after {timeout:g} s: {outs}"
+        await asyncio.sleep(0.1)
+    return tasks, outs
 
 
 def long_chat(i: int, tokens: int = 120) -> pb.ChatRequest:

@@ -34,8 +34,8 @@ from tests.fault_support import (
     assert_exact,
     long_chat,
     outcome,
-    raw_generate,
     run_stream,
+    start_streams,
 )
 from tests.helpers import chat
 from tests.reliability import Scenario, record
@@ -236,13 +236,7 @@ async def test_sentinel_failover_mid_stream(
     streams continue token-exact and requests sent meanwhile wait and complete."""
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
     tokens = 200
-    outs = [Stream() for _ in range(4)]
-    ready = [asyncio.Event() for _ in outs]
-    tasks = [
-        asyncio.create_task(run_stream(hstub, raw_generate(i, tokens), ready[i], out=outs[i]))
-        for i in range(len(outs))
-    ]
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 180)
+    tasks, _ = await start_streams(hstub, 4, tokens, timeout=180)
     assert await _primary_port(ha) == ha.ports["primary"]
     killed = time.monotonic()
     ha.procs["primary"].kill()

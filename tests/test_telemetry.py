@@ -121,6 +121,7 @@ def test_the_dashboard_charts_every_metric_and_only_those() -> None:
     registry = CollectorRegistry()
     metrics.RouterMetrics(registry)
     metrics.WorkerMetrics(registry)
+    metrics.ProcessMetrics(registry)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     exported = {
         family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]

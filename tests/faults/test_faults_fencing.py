@@ -33,9 +33,9 @@ from tests.fault_support import (
     freeze,
     live_worker_ids,
     outcome,
-    raw_generate,
     replies_until_terminal,
     run_stream,
+    start_streams,
     submit_as_router,
     submit_claimed_by_ghost,
     thaw,
@@ -79,13 +79,7 @@ async def test_frozen_worker_is_fenced_and_an_abort_in_the_failover_ends_at_once
     after SIGCONT the router drops the old worker's writes and it aborts its requests."""
     await await_workers(faults, 2)
     tokens = 500
-    outs = [Stream() for _ in range(6)]
-    ready = [asyncio.Event() for _ in outs]
-    tasks = [
-        asyncio.create_task(run_stream(fstub, raw_generate(i, tokens), ready[i], out=outs[i]))
-        for i in range(len(outs))
-    ]
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 300)
+    tasks, outs = await start_streams(fstub, 6, tokens)
     holders = [await _holder(faults, s.request_id) for s in outs]
     victim_id = max(set(holders), key=holders.count)  # the leases say who runs what
     victim = next(w for w in faults.workers if worker_id(w) == victim_id)

@@ -23,14 +23,13 @@ from qwen_serve import devstack
 from tests.fault_support import (
     PREFIX,
     FaultStack,
-    Stream,
     Stub,
     assert_exact,
     await_workers,
     long_chat,
     outcome,
-    raw_generate,
     run_stream,
+    start_streams,
 )
 from tests.helpers import chat, running_in_engines, wait_engines_idle
 from tests.reliability import Outcome, Scenario, record
@@ -45,20 +44,6 @@ RESTART_RUNS = int(os.environ.get("QS_REDIS_RESTART_RUNS", "1"))
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model: Path) -> object:
     return AutoTokenizer.from_pretrained(str(tiny_model))
-
-
-async def _start_streams(
-    stub: Stub, count: int, tokens: int
-) -> tuple[list[asyncio.Task[Stream]], list[Stream]]:
-    """``count`` greedy raw streams, returned once every one has tokens."""
-    outs = [Stream() for _ in range(count)]
-    events = [asyncio.Event() for _ in range(count)]
-    tasks = [
-        asyncio.create_task(run_stream(stub, raw_generate(i, tokens), events[i], out=outs[i]))
-        for i in range(count)
-    ]
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 180)
-    return tasks, outs
 
 
 async def _pause(stack: FaultStack, seconds: float) -> None:
@@ -94,7 +79,7 @@ async def test_redis_restart_continues_streams(
     and a client cancel afterwards still reaches the engine."""
     await await_workers(faults, 2)
     tokens = 200
-    tasks, _ = await _start_streams(fstub, 4, tokens)
+    tasks, _ = await start_streams(fstub, 4, tokens)
     killed = time.monotonic()
     faults.redis.kill()
     during = asyncio.create_task(run_stream(fstub, chat(max_tokens=4)))
@@ -121,7 +106,7 @@ async def test_redis_pause_within_the_bound_is_ridden_out(
     """CLIENT PAUSE 5000 ALL: streams and a request sent during it all complete."""
     await await_workers(faults, 2)
     tokens = 200
-    tasks, _ = await _start_streams(fstub, 4, tokens)
+    tasks, _ = await start_streams(fstub, 4, tokens)
     paused = time.monotonic()
     await _pause(faults, 5)
     during = await run_stream(fstub, chat(max_tokens=4))
@@ -139,7 +124,7 @@ async def test_redis_pause_beyond_the_bound_fails_streams_clearly(
     """A pause longer than redis_outage_s ends the streams with a retryable UNAVAILABLE;
     afterwards requests are served and nothing is left in the engines."""
     await await_workers(faults, 2)
-    tasks, _ = await _start_streams(fstub, 4, 2000)
+    tasks, _ = await start_streams(fstub, 4, 2000)
     paused = time.monotonic()
     await _pause(faults, OUTAGE_BOUND_S + 5)
     streams = list(await asyncio.wait_for(asyncio.gather(*tasks), 120))
