@@ -228,25 +228,37 @@ async def run_stream(
     return out
 
 
+RETRYABLE_BEFORE_START = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 async def start_streams(
     stub: Stub, count: int, tokens: int, timeout: float = 300
 ) -> tuple[list[asyncio.Task[Stream]], list[Stream]]:
     """``count`` greedy raw streams, returned once every one has tokens.
 
-    Fails at once, naming what it ended with, if a stream ends before it has tokens.
+    A stream refused with a retryable status before its first token is sent again, as
+    a client would (at most 3 times); any other end before tokens fails at once, named.
     """
     outs = [Stream() for _ in range(count)]
     ready = [asyncio.Event() for _ in range(count)]
-    tasks = [
-        asyncio.create_task(run_stream(stub, raw_generate(i, tokens), ready[i], out=outs[i]))
-        for i in range(count)
-    ]
+    tries = [1] * count
+
+    def launch(i: int) -> asyncio.Task[Stream]:
+        outs[i], ready[i] = Stream(), asyncio.Event()
+        return asyncio.create_task(run_stream(stub, raw_generate(i, tokens), ready[i], out=outs[i]))
+
+    tasks = [launch(i) for i in range(count)]
     deadline = time.monotonic() + timeout
     while not all(event.is_set() for event in ready):
-        ended = [
-            s for s, t, e in zip(outs, tasks, ready, strict=True) if t.done() and not e.is_set()
-        ]
-        assert not ended, f"streams ended before their first tokens: {ended}"
+        for i, task in enumerate(tasks):
+            if not task.done() or ready[i].is_set():
+                continue
+            ended = outs[i]
+            assert ended.status in RETRYABLE_BEFORE_START and tries[i] < 3, (
+                f"stream {i} ended before its first tokens (try {tries[i]}): {ended}"
+            )
+            tries[i] += 1
+            tasks[i] = launch(i)
         assert time.monotonic() < deadline, f"streams without tokens after {timeout:g} s: {outs}"
         await asyncio.sleep(0.1)
     return tasks, outs
