@@ -212,6 +212,8 @@ class Dispatcher:
 
     def _charge(self, tenant: str, usage: pb.Usage) -> None:
         observability.tenant_tokens(tenant, usage)
+        if not self.quotas.of(tenant).tpm:
+            return
         tokens = usage.prompt_tokens + usage.completion_tokens
         self.tasks.spawn(
             self._quietly("count a tenant's tokens", self.quotas.charge(tenant, tokens))

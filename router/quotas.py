@@ -167,8 +167,8 @@ class Quotas:
             await self.redis.zrem(self.keys.tenant_inflight(tenant), request_id)
 
     async def charge(self, tenant: str, tokens: int) -> None:
-        """Count ``tokens`` against ``tenant``'s tokens of this minute (if it has a limit)."""
-        if tokens <= 0 or not self.of(tenant).tpm:
+        """Count ``tokens`` against ``tenant``'s tokens of this minute."""
+        if tokens <= 0:
             return
         key = self.keys.tenant_tokens(tenant, now_ms() // MINUTE_MS)
         with redis_errors_as_unavailable():
