@@ -953,7 +953,10 @@ def test_wheel_has_stubs_and_plugin_entry_point(wheel: Path) -> None:
     assert check_image.check_wheel(wheel) == []
     with zipfile.ZipFile(wheel) as archive:
         points = check_image.wheel_entry_points(archive)
-    assert points["vllm.general_plugins"] == {"qwen_serve_config_fix": "worker.config_fix:register"}
+    assert points["vllm.general_plugins"] == {
+        "qwen_serve_config_fix": "worker.config_fix:register",
+        "qwen_serve_vllm_fixes": "worker.vllm_fixes:register",
+    }
     assert points["console_scripts"]["qwen-serve-worker"] == "worker.__main__:main"
     tracked = subprocess.run(
         ["git", "ls-files", "*_pb2*"], cwd=ROOT, capture_output=True, text=True, check=True
