@@ -56,11 +56,17 @@ class ClusterView:
         return (self.redis_ok or self.riding_out) and bool(self.workers) and not self.draining
 
     def model(self) -> pb.ModelInfo | None:
-        """The served model, as the freshest worker reports it."""
-        if not self.workers:
+        """The served model, as the freshest worker that reports one has it.
+
+        A status without a model (no context length: a worker of another release, or
+        a consumer that only claims) must not define the limits every request is
+        checked against: it would refuse them all.
+        """
+        reporting = [w for w in self.workers if w.model.max_context_tokens]
+        if not reporting:
             return None
         info = pb.ModelInfo()
-        info.CopyFrom(max(self.workers, key=lambda w: w.heartbeat_unix_ms).model)
+        info.CopyFrom(max(reporting, key=lambda w: w.heartbeat_unix_ms).model)
         info.live_workers = len(self.workers)
         return info
 

@@ -8,7 +8,9 @@ from google.rpc import error_details_pb2
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
+from qwen_serve.queue.codec import WorkerStatus
 from router import errors, jobs, validation
+from router.dispatcher import ClusterView
 from tests.helpers import chat, user
 
 
@@ -102,3 +104,14 @@ def test_overload_status_carries_retry_info() -> None:
     retry = error_details_pb2.RetryInfo()
     assert parsed.details[0].Unpack(retry)
     assert retry.retry_delay.seconds == 1 and retry.retry_delay.nanos == 500_000_000
+
+
+def test_the_model_comes_from_the_freshest_worker_that_reports_one() -> None:
+    serving = WorkerStatus(worker_id="w1", heartbeat_unix_ms=1_000)
+    serving.model.served_model_name, serving.model.max_context_tokens = "qwen", 4096
+    # A fresher status without a model (another release, a consumer that only claims)
+    # must not set the limits: a context of 0 tokens would refuse every request.
+    bare = WorkerStatus(worker_id="w2", heartbeat_unix_ms=2_000)
+    info = ClusterView(workers=[serving, bare]).model()
+    assert info is not None and info.max_context_tokens == 4096 and info.live_workers == 2
+    assert ClusterView(workers=[bare]).model() is None
