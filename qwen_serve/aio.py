@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 RESTART_DELAY_S = 0.5
+CANCEL_WAIT_S = 5.0
 
 LOOP_ENV = "QS_EVENT_LOOP"
 """``uvloop`` (the default where installed) or ``asyncio``."""
@@ -64,16 +65,16 @@ class Tasks:
         self.owner = owner
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
         """Run ``coro`` in the background; a failure is logged."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
 
     def loop(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``factory()`` forever, starting it again (after a pause) if it fails."""
-        self.spawn(self._supervise(name, factory))
+        self.spawn(self._supervise(name, factory), name=name)
 
     async def _supervise(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         while True:
@@ -91,12 +92,17 @@ class Tasks:
         if not task.cancelled() and task.exception() is not None:
             logger.error("%s: background task failed", self.owner, exc_info=task.exception())
 
-    async def cancel_all(self) -> None:
-        """Cancel every task and wait for them."""
+    async def cancel_all(self, timeout: float = CANCEL_WAIT_S) -> None:
+        """Cancel every task and wait for them, ``timeout`` at most (a library that holds
+        on to a cancelled call must not stop the process from shutting down)."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=timeout)
+        for task in stuck:
+            logger.warning("%s: %s did not stop within %g s", self.owner, task.get_name(), timeout)
 
     def __len__(self) -> int:
         return len(self._tasks)

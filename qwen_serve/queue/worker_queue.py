@@ -10,6 +10,7 @@ nobody runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -33,6 +34,7 @@ from qwen_serve.queue.keys import WORKER_GROUP, Keys
 logger = logging.getLogger(__name__)
 
 REPLY_STREAM_MAXLEN = 100_000
+PUBSUB_CLOSE_S = 2.0
 
 
 class AttemptRef(NamedTuple):
@@ -320,8 +322,8 @@ class WorkerQueue(QueueBase):
                 if message is not None:
                     yield bytes(message["data"]).decode(errors="replace")
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):  # TimeoutError: a connection that hangs
+                await asyncio.wait_for(pubsub.aclose(), PUBSUB_CLOSE_S)  # type: ignore[no-untyped-call]
 
     # -------------------------------------------------------------- liveness
 
