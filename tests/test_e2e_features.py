@@ -576,7 +576,7 @@ async def test_prefix_cache_hits_are_counted(stub: Stub) -> None:
     """
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     if json.loads(info.engine_args_json).get("enable_prefix_caching") is False:
-        pytest.skip("the engine runs without prefix caching (vLLM 0.23 on an AMX CPU)")
+        pytest.skip("the engine runs without prefix caching (vLLM 0.23 on a CPU)")
     prompt = f"Run {uuid.uuid4().hex}: tokens flow through Redis to workers and back. " * 60
     seen = [usage(await collect(stub, request(prompt, max_tokens=2))) for _ in range(3)]
     assert seen[0].cached_tokens == 0

@@ -134,28 +134,25 @@ def _cache_environment() -> None:
 
 
 def platform_fixups(args: dict[str, Any]) -> dict[str, Any]:
-    """Settings a vLLM version's platform code would contradict itself on.
+    """Settings a vLLM version's platform code cannot run with.
 
-    vLLM 0.23's CPU platform turns prefix caching off for linear-attention models on
-    CPUs with AMX tiles, after the Mamba block size was already derived from it, and
-    then refuses its own config ("--mamba-block-size can only be set with
-    --enable-prefix-caching"). Asking for what it would do avoids that.
+    vLLM 0.23 on a CPU cannot cache prefixes of a linear-attention (hybrid) model:
+    - with AMX tiles, its CPU platform turns prefix caching off after the Mamba block
+      size was already derived from it, and then refuses its own config
+      ("--mamba-block-size can only be set with --enable-prefix-caching");
+    - without them, the first prefix hit copies the recurrent state with a Triton
+      kernel (``mamba_utils.batch_memcpy``), and the CPU build has no Triton: the
+      engine dies ("'function' object is not subscriptable").
+    So prefix caching is off there (the CPU engine is for development and CI).
     """
     if version_tuple() != (0, 23) or not args.get("enable_prefix_caching", True):
         return args
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and _cpu_has_amx():
-        logger.warning("vLLM 0.23 on an AMX CPU: prefix caching off for linear attention")
+    if current_platform.is_cpu():
+        logger.warning("vLLM 0.23 on a CPU: prefix caching off (hybrid model state copies)")
         args["enable_prefix_caching"] = False
     return args
-
-
-def _cpu_has_amx() -> bool:
-    import torch
-
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 def unfinished_requests(llm: Any) -> int:
