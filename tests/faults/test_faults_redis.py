@@ -126,13 +126,12 @@ async def test_redis_pause_beyond_the_bound_fails_streams_clearly(
     afterwards requests are served and nothing is left in the engines."""
     await await_workers(faults, 2)
     tasks, _ = await start_streams(fstub, 4, 2000)
-    paused, pause_s = time.monotonic(), OUTAGE_BOUND_S + 20  # + time for failures to show
-    await _pause(faults, pause_s)
+    paused = time.monotonic()
+    await _pause(faults, OUTAGE_BOUND_S + 5)
     streams = list(await asyncio.wait_for(asyncio.gather(*tasks), 120))
     for stream in streams:
         assert stream.error is not None and stream.error.retryable, stream
         assert stream.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    await asyncio.sleep(max(0.0, paused + pause_s - time.monotonic()) + 1)  # Redis is back
     after = await run_stream(fstub, chat(max_tokens=4))
     assert after.complete, (after.status, after.error)
     assert await wait_engines_idle(faults.redis_url, PREFIX, timeout=60) == 0
@@ -147,7 +146,7 @@ async def test_requests_are_refused_while_redis_is_down_beyond_the_bound(
     """Redis gone for longer than the bound: new calls get UNAVAILABLE, then are served."""
     faults.redis.kill()
     try:
-        await asyncio.sleep(OUTAGE_BOUND_S + 10)
+        await asyncio.sleep(OUTAGE_BOUND_S + 3)
         refused = await run_stream(fstub, chat(max_tokens=4), timeout=30)
         assert refused.status == grpc.StatusCode.UNAVAILABLE
     finally:
