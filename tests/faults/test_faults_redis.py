@@ -3,8 +3,8 @@
 The fault stack's redis-server keeps an append-only file (as the Kubernetes
 manifests run it), so a restart loses nothing it acknowledged: streams wait
 and continue with no gap and no repeat. A pause up to ``redis_outage_s``
-(30 s on the fault stack, 10 s by default) is ridden out; a longer one ends the
-streams with a retryable UNAVAILABLE.
+(10 s) is ridden out; a longer one ends the streams with a retryable
+UNAVAILABLE.
 """
 
 from __future__ import annotations
