@@ -128,7 +128,7 @@ def start_redis(
     )
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
     proc = spawn(f"redis-{port}", [*args, "--dir", str(log_dir), *extra], log_dir)
-    wait_port(port, proc, timeout=30)  # a stalled host has taken over 10 s
+    wait_port(port, proc)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 

@@ -32,9 +32,6 @@ from tests.helpers import chat
 from tests.reliability import Outcome
 
 PREFIX = "qs-faults"
-REDIS_OUTAGE_S = 30.0
-"""The stack's ``redis_outage_s`` (default 10): SIGKILLing redis-server mid-fsync on a busy
-2-core host has kept the test waiting 13 s for it to be gone, an outage beyond 10 s."""
 Stub = serve_pb2_grpc.InferenceStub
 
 
@@ -77,17 +74,13 @@ class FaultStack:
 DRAIN_GRACE_S = 3
 
 
-def _outage_flags() -> tuple[str, str]:
-    return ("--redis-outage-s", str(REDIS_OUTAGE_S))
-
-
 def start_worker(log_dir: Path, redis_url: str, name: str) -> devstack.Proc:
-    flags = ("--key-prefix", PREFIX, "--drain-grace-s", str(DRAIN_GRACE_S), *_outage_flags())
+    flags = ("--key-prefix", PREFIX, "--drain-grace-s", str(DRAIN_GRACE_S))
     return devstack.start_worker(redis_url, log_dir, *flags, name=name)
 
 
 def start_router(log_dir: Path, redis_url: str, port: int, name: str) -> devstack.Proc:
-    flags = ("--key-prefix", PREFIX, "--max-inflight-per-tenant", "1024", *_outage_flags())
+    flags = ("--key-prefix", PREFIX, "--max-inflight-per-tenant", "1024")
     return devstack.start_router(redis_url, port, log_dir, *flags, name=name)
 
 

@@ -22,7 +22,6 @@ from transformers import AutoTokenizer
 from qwen_serve import devstack
 from tests.fault_support import (
     PREFIX,
-    REDIS_OUTAGE_S,
     FaultStack,
     Stub,
     assert_exact,
@@ -37,7 +36,7 @@ from tests.reliability import Outcome, Scenario, record
 
 pytestmark = pytest.mark.e2e
 
-OUTAGE_BOUND_S = REDIS_OUTAGE_S
+OUTAGE_BOUND_S = 10.0  # the default redis_outage_s
 RESTART_RUNS = int(os.environ.get("QS_REDIS_RESTART_RUNS", "1"))
 """``QS_REDIS_RESTART_RUNS=20`` repeats the restart test on one stack (20 in a row)."""
 
