@@ -39,6 +39,16 @@ class Stack:
         return proc, target
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away redis-server for one test module (its tests use their own key prefixes)."""
+    proc, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        proc.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The tiny Qwen3.5-MoE checkpoint (built once, cached across runs)."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.deltas import merge_into
 from qwen_serve.queue.broker import (
@@ -65,16 +64,6 @@ async def test_event_queue_merges_waiting_deltas_and_keeps_order() -> None:
 
 
 # ---------------------------------------------------------------- the writer on a real Redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throw-away redis-server for this module."""
-    proc, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

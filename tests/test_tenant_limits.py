@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
 from qwen_serve.queue.keys import Keys
+from qwen_serve.settings import new_id
 from router import quotas
 from router.quotas import Quotas, TenantLimits, parse_limits
 from tests.conftest import Stack
@@ -55,17 +55,8 @@ def test_a_bad_limits_line_is_named(text: str, message: str) -> None:
         parse_limits(text.splitlines(), "limits")
 
 
-@pytest.fixture
-async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
-    proc, url = devstack.start_redis(tmp_path)
-    try:
-        yield url
-    finally:
-        proc.stop()
-
-
-def _quotas(url: str, limits: dict[str, TenantLimits]) -> Quotas:
-    return Quotas(aioredis.Redis.from_url(url), Keys("qt"), limits, 750)
+def _quotas(url: str, limits: dict[str, TenantLimits], prefix: str) -> Quotas:
+    return Quotas(aioredis.Redis.from_url(url), Keys(prefix), limits, 750)
 
 
 async def _admitted(q: Quotas, tenant: str, request_id: str) -> bool:
@@ -78,7 +69,8 @@ async def _admitted(q: Quotas, tenant: str, request_id: str) -> bool:
 
 async def test_concurrent_routers_admit_exactly_the_inflight_limit(redis_url: str) -> None:
     limits = {"alpha": TenantLimits(inflight=4)}
-    routers = [_quotas(redis_url, limits) for _ in range(3)]
+    prefix = new_id("qt")
+    routers = [_quotas(redis_url, limits, prefix) for _ in range(3)]
     ids = [f"r{i}" for i in range(30)]
     results = await asyncio.gather(
         *(_admitted(routers[i % 3], "alpha", rid) for i, rid in enumerate(ids))
@@ -103,7 +95,7 @@ async def _away_from_a_minute_edge() -> None:
 async def test_requests_and_tokens_per_minute(redis_url: str) -> None:
     await _away_from_a_minute_edge()
     limits = {"beta": TenantLimits(rpm=2), "gamma": TenantLimits(tpm=100)}
-    q = _quotas(redis_url, limits)
+    q = _quotas(redis_url, limits, new_id("qt"))
     assert await q.admit("beta", "b1") and await q.admit("beta", "b2")
     with pytest.raises(RequestError, match="used 2 requests this minute") as refused:
         await q.admit("beta", "b3")
@@ -115,7 +107,7 @@ async def test_requests_and_tokens_per_minute(redis_url: str) -> None:
 
 
 async def test_a_dead_routers_slots_expire(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    q = _quotas(redis_url, {"alpha": TenantLimits(inflight=1)})
+    q = _quotas(redis_url, {"alpha": TenantLimits(inflight=1)}, new_id("qt"))
     monkeypatch.setattr(quotas, "QUOTA_HOLD_S", 0.3)
     assert await q.admit("alpha", "held")
     await q.refresh([("alpha", "held")])  # a live router keeps its slot

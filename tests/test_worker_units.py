@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.queue.broker import (
     AttemptRef,
@@ -72,15 +71,6 @@ class FlakyQueue(WorkerQueue):
             self.failures -= 1
             raise QueueUnavailable("redis unavailable: scripted timeout")
         return await super().acquire(ref)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
