@@ -119,6 +119,21 @@ async def await_workers(stack: FaultStack, count: int, timeout: float = 300) -> 
         await asyncio.sleep(1)
 
 
+async def warm_workers(stack: FaultStack, stub: Stub, count: int = 2) -> None:
+    """Wait for ``count`` live workers, then run a short burst through them and wait again.
+
+    A worker's first requests pay one-time costs (the CPU engine's first steps at new
+    batch sizes): on a 2-core machine shared by two engines that can starve its event
+    loop past the heartbeat TTL, so a test that needs both workers serving steadily
+    warms them first.
+    """
+    await await_workers(stack, count)
+    burst = [run_stream(stub, raw_generate(i, 32)) for i in range(4 * count)]
+    ends = await asyncio.gather(*burst)
+    assert all(s.complete for s in ends), [s for s in ends if not s.complete]
+    await await_workers(stack, count)
+
+
 def worker_id(proc: devstack.Proc) -> str:
     """The id a worker process logged at start."""
     found = re.search(r"starting worker (\S+)", proc.log_path.read_text())

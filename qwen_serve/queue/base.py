@@ -51,8 +51,15 @@ class QueueBase:
         await self.redis.connection_pool.disconnect()
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self.redis.aclose()
+        """Close the connection pool; a socket that will not close in time is let go.
+
+        Closing runs at shutdown and after probes: a slow or dead Redis must not turn
+        it into a failure of its caller.
+        """
+        try:
+            await self.redis.aclose()
+        except (aioredis.RedisError, OSError) as exc:
+            logger.debug("redis connections closed uncleanly: %s", exc)
 
 
 def text(value: bytes | str) -> str:

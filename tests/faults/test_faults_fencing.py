@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
@@ -39,6 +40,7 @@ from tests.fault_support import (
     submit_as_router,
     submit_claimed_by_ghost,
     thaw,
+    warm_workers,
     worker_id,
 )
 from tests.helpers import chat, wait_engines_idle
@@ -61,14 +63,32 @@ async def _wait_for(condition: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _holder(stack: FaultStack, request_id: str, attempt: int = 0) -> str:
-    """The worker holding an attempt's lease ("" if none)."""
+async def _holders(stack: FaultStack, request_ids: list[str], attempt: int = 0) -> list[str]:
+    """The worker holding each request's lease for an attempt ("" if none)."""
     queue = stack.queue()
     try:
-        raw = await queue.redis.get(Keys(PREFIX).lease(request_id, attempt))
+        raws: list[Any] = await queue.redis.mget(
+            [Keys(PREFIX).lease(r, attempt) for r in request_ids]
+        )
     finally:
         await queue.close()
-    return decode_lease(raw).worker_id if raw else ""
+    return [decode_lease(raw).worker_id if raw else "" for raw in raws]
+
+
+async def _busiest_holder(stack: FaultStack, outs: list[Stream]) -> tuple[str, list[Stream]]:
+    """The worker running the most of these streams (the leases say who runs what).
+
+    Streams that already ended do not count: a worker that came up later may give its
+    first tokens only after the other has finished some streams.
+    """
+    running = [s for s in outs if not s.ended_at]
+    holders = await _holders(stack, [s.request_id for s in running])
+    assert all(holders), f"streams moved off their worker before the freeze: {holders}"
+    busiest = max(set(holders), key=holders.count)
+    on_it = [s for s, h in zip(running, holders, strict=True) if h == busiest]
+    on_it.sort(key=lambda s: len(s.token_ids))  # the least advanced first
+    assert len(on_it) >= 2, f"no worker runs two streams: {holders}"
+    return busiest, on_it
 
 
 async def test_frozen_worker_is_fenced_and_an_abort_in_the_failover_ends_at_once(
@@ -77,23 +97,21 @@ async def test_frozen_worker_is_fenced_and_an_abort_in_the_failover_ends_at_once
     """SIGSTOP the busiest worker beyond the heartbeat TTL: its streams continue on the
     other worker; Abort of one of them in that window ends it with Finished (abort);
     after SIGCONT the router drops the old worker's writes and it aborts its requests."""
-    await await_workers(faults, 2)
-    tokens = 500
+    await warm_workers(faults, fstub)
+    tokens = 1500  # still running when the heartbeat TTL has passed
     tasks, outs = await start_streams(fstub, 6, tokens)
-    holders = [await _holder(faults, s.request_id) for s in outs]
-    victim_id = max(set(holders), key=holders.count)  # the leases say who runs what
+    victim_id, on_victim = await _busiest_holder(faults, outs)
     victim = next(w for w in faults.workers if worker_id(w) == victim_id)
     freeze(victim)
     frozen_at = time.monotonic()
     try:
-        on_victim = [s for s, h in zip(outs, holders, strict=True) if h == victim_id]
-        assert len(on_victim) >= 2, holders
         target, moved = on_victim[0], on_victim[1:]
         await _wait_for(
             lambda: _gone(faults, victim_id), 60, "the frozen worker's heartbeat to expire"
         )
         aborted_at = time.monotonic()
-        assert (await fstub.Abort(pb.AbortRequest(request_id=target.request_id))).found
+        found = (await fstub.Abort(pb.AbortRequest(request_id=target.request_id))).found
+        assert found, f"the stream ended before the Abort: {target}"
         await _wait_for(lambda: _ended(target), 60, "the aborted stream to end")
         abort_s = target.ended_at - aborted_at
         counts = {id(s): len(s.token_ids) for s in moved}
