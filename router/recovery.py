@@ -19,6 +19,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import UNAVAILABLE, RequestError
 from qwen_serve.queue.broker import QueueUnavailable
 from qwen_serve.queue.codec import Reply
+from qwen_serve.queue.router_queue import stream_position
 from router import jobs
 from router.channels import Channel
 
@@ -26,11 +27,6 @@ if TYPE_CHECKING:
     from router.dispatcher import Dispatcher
 
 logger = logging.getLogger(__name__)
-
-
-def _stream_id(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
 
 
 class StreamRecovery:
@@ -119,18 +115,18 @@ class StreamRecovery:
         """
         queue = self.dispatcher.queue
         newest = await queue.last_reply_id()
-        if newest is None or _stream_id(newest) < _stream_id(last_id):
+        if newest is None or stream_position(newest) < stream_position(last_id):
             logger.warning("the reply stream lost entries; reading it again from the start")
             last_id = b"0-0"
         mark = await queue.surviving_mark()
-        delivered = _stream_id(await queue.last_delivered_id())
         channels = [c for c in self.dispatcher.channels.values() if c.entry_id and not c.closed]
+        undelivered = await queue.undelivered([c.entry_id for c in channels])
         states = await queue.attempt_states(
             [(c.job.request_id, c.attempt, c.entry_id) for c in channels]
         )
         suspects = []
-        for channel, (lease, pending) in zip(channels, states, strict=True):
-            queued = _stream_id(channel.entry_id) > delivered and channel.mark <= mark
+        for channel, (lease, pending), waits in zip(channels, states, undelivered, strict=True):
+            queued = waits and channel.mark <= mark
             if lease is None and not pending and not queued:
                 suspects.append((channel, channel.attempt))
         last_id = await read_once(last_id)

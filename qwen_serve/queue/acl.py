@@ -23,6 +23,11 @@ from qwen_serve.queue.keys import Keys
 CONNECTION = ["+ping", "+hello", "+auth"]
 
 
+def _on_jobs(keys: Keys, permission: str) -> str:
+    """Key patterns of every job stream (HIGH, NORMAL, LOW) with one permission prefix."""
+    return " ".join(f"{permission}~{stream}" for stream in keys.job_streams)
+
+
 def router_rules(keys: Keys) -> list[str]:
     """Permissions of the router user (without user name and password)."""
     return [
@@ -32,8 +37,8 @@ def router_rules(keys: Keys) -> list[str]:
         *CONNECTION,
         f"&{keys.aborts}",
         "+publish",
-        f"(%W~{keys.jobs} +xadd)",
-        f"(%R~{keys.jobs} +xinfo|groups +xpending +xlen)",
+        f"({_on_jobs(keys, '%W')} +xadd)",
+        f"({_on_jobs(keys, '%R')} +xinfo|groups +xpending +xlen)",
         f"(~{keys.replies('*')} +xread +xtrim +xinfo|stream +expire +del)",
         f"(~{keys.lease('*', 0)} +get +set)",
         f"(%W~{keys.abort_marker('*')} +set)",
@@ -57,7 +62,7 @@ def worker_rules(keys: Keys) -> list[str]:
         f"&{keys.aborts}",
         "+subscribe",
         "+unsubscribe",
-        f"(~{keys.jobs} {jobs} +xgroup|create +xgroup|delconsumer)",
+        f"({_on_jobs(keys, '')} {jobs} +xgroup|create +xgroup|delconsumer)",
         f"(%W~{keys.dead_letters} +xadd)",
         f"(%W~{keys.replies('*')} +xadd)",
         f"(~{keys.lease('*', 0)} +get +set)",

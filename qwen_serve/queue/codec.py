@@ -72,6 +72,12 @@ def decode_replies(fields: dict[bytes, bytes]) -> list[Reply]:
     return list(decode(ReplyBatch, raw).replies)
 
 
+def job_priority(job: Job) -> int:
+    """The API priority of a job's request (``Priority``; 0 when unset)."""
+    kind = job.WhichOneof("request")
+    return int(getattr(job, kind).priority) if kind else 0
+
+
 def decode_lease(raw: bytes) -> Lease:
     """A lease value; the plain worker id that older workers stored reads as its holder."""
     try:

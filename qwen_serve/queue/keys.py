@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WORKER_GROUP = "workers"
+PRIORITY_LOW = 1  # qwen_serve.api.v1.Priority (kept here: keys import no generated code)
+PRIORITY_HIGH = 3
 
 
 @dataclass(frozen=True)
@@ -15,8 +17,43 @@ class Keys:
 
     @property
     def jobs(self) -> str:
-        """Stream of admitted jobs, read by the worker consumer group."""
+        """Stream of admitted NORMAL (and unset) priority jobs, read by the worker group."""
         return f"{self.prefix}:jobs"
+
+    def job_stream(self, priority: int) -> str:
+        """The job stream of an API priority: HIGH and LOW jobs have their own."""
+        if priority == PRIORITY_HIGH:
+            return f"{self.jobs}:high"
+        if priority == PRIORITY_LOW:
+            return f"{self.jobs}:low"
+        return self.jobs
+
+    @property
+    def job_streams(self) -> tuple[str, str, str]:
+        """Every job stream, in the order workers claim from them: HIGH, NORMAL, LOW."""
+        return (
+            self.job_stream(PRIORITY_HIGH),
+            self.jobs,
+            self.job_stream(PRIORITY_LOW),
+        )
+
+    def entry_ref(self, stream: str, entry_id: bytes) -> bytes:
+        """A job entry's id made unique across the job streams.
+
+        A NORMAL entry keeps its stream id (``1700000000000-0``, as before there were
+        several streams); the others are prefixed with their stream's suffix
+        (``high/1700000000000-0``).
+        """
+        if stream == self.jobs:
+            return entry_id
+        return stream.rpartition(":")[2].encode() + b"/" + entry_id
+
+    def entry_stream(self, ref: bytes) -> tuple[str, bytes]:
+        """(job stream, stream entry id) of an :meth:`entry_ref`."""
+        label, slash, entry_id = ref.partition(b"/")
+        if not slash:
+            return self.jobs, ref
+        return f"{self.jobs}:{label.decode()}", entry_id
 
     @property
     def dead_letters(self) -> str:

@@ -9,13 +9,19 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from qwen_serve.queue.base import LEASE_TTL_S, QueueBase, replies_or_none
-from qwen_serve.queue.codec import Job, Lease, Reply, decode_lease, encode
+from qwen_serve.queue.codec import Job, Lease, Reply, decode_lease, encode, job_priority
 from qwen_serve.queue.connection import now_ms, redis_errors_as_unavailable
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 
 ABORT_MARKER_TTL_S = 600
 REPLY_STREAM_TTL_S = 3600
 FENCED = Lease(fenced=True).SerializeToString()
+
+
+def stream_position(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a comparable pair."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms or 0), int(seq or 0)
 
 
 class RouterQueue(QueueBase):
@@ -35,7 +41,8 @@ class RouterQueue(QueueBase):
     async def submit(
         self, jobs: Sequence[Job], fence: Sequence[tuple[str, int]] = ()
     ) -> list[bytes]:
-        """Append jobs to the job stream in one pipelined round trip; their entry ids.
+        """Append jobs to their priority's job stream in one pipelined round trip; their
+        entry refs (``Keys.entry_ref``).
 
         ``fence`` (request id, attempt) pairs are fenced first, in the same round
         trip: a continuation fences the attempt it replaces. After the jobs, the
@@ -46,11 +53,13 @@ class RouterQueue(QueueBase):
         with redis_errors_as_unavailable():
             async with self.redis.pipeline(transaction=False) as pipe:
                 self._fence(pipe, fence)
-                for job in jobs:
-                    pipe.xadd(self.keys.jobs, encode(job))  # type: ignore[arg-type]
+                streams = [self.keys.job_stream(job_priority(job)) for job in jobs]
+                for stream, job in zip(streams, jobs, strict=True):
+                    pipe.xadd(stream, encode(job))  # type: ignore[arg-type]
                 pipe.zadd(self.keys.routers, {self.router_id: self._next_mark()})
                 results = await pipe.execute()
-        return [bytes(r) for r in results[len(fence) : len(fence) + len(jobs)]]
+        ids = results[len(fence) : len(fence) + len(jobs)]
+        return [self.keys.entry_ref(s, bytes(i)) for s, i in zip(streams, ids, strict=True)]
 
     async def surviving_mark(self) -> int:
         """The newest write mark Redis still has (0 if it lost them all)."""
@@ -58,11 +67,21 @@ class RouterQueue(QueueBase):
             score: Any = await self.redis.zscore(self.keys.routers, self.router_id)
         return int(score or 0)
 
-    async def last_delivered_id(self) -> bytes:
-        """The newest job entry delivered to any worker ("0-0" if none)."""
+    async def undelivered(self, refs: Sequence[bytes]) -> list[bool]:
+        """For each job entry ref: whether it is beyond what its stream delivered to the
+        worker group (still queued, if it exists)."""
+        delivered = {s: await self._last_delivered_id(s) for s in self.keys.job_streams}
+        out = []
+        for ref in refs:
+            stream, entry_id = self.keys.entry_stream(ref)
+            out.append(stream_position(entry_id) > stream_position(delivered.get(stream, b"0-0")))
+        return out
+
+    async def _last_delivered_id(self, stream: str) -> bytes:
+        """The newest entry of ``stream`` delivered to any worker ("0-0" if none)."""
         with redis_errors_as_unavailable():
             try:
-                groups: Any = await self.redis.xinfo_groups(self.keys.jobs)
+                groups: Any = await self.redis.xinfo_groups(stream)
             except redis_errors.ResponseError:
                 return b"0-0"
         for group in groups:
@@ -90,9 +109,10 @@ class RouterQueue(QueueBase):
             return []
         with redis_errors_as_unavailable():
             async with self.redis.pipeline(transaction=False) as pipe:
-                for request_id, attempt, entry_id in attempts:
+                for request_id, attempt, ref in attempts:
+                    stream, entry_id = self.keys.entry_stream(ref)
                     pipe.get(self.keys.lease(request_id, attempt))
-                    pipe.xpending_range(self.keys.jobs, WORKER_GROUP, entry_id, entry_id, 1)
+                    pipe.xpending_range(stream, WORKER_GROUP, entry_id, entry_id, 1)
                 results = await pipe.execute(raise_on_error=False)
         out: list[tuple[Lease | None, bool]] = []
         for raw, pending in zip(results[::2], results[1::2], strict=True):
@@ -142,16 +162,19 @@ class RouterQueue(QueueBase):
                 await pipe.execute()
 
     async def queue_depth(self) -> int:
-        """Jobs not yet claimed by any worker."""
+        """Jobs not yet claimed by any worker, over every job stream."""
         with redis_errors_as_unavailable():
-            try:
-                groups = await self.redis.xinfo_groups(self.keys.jobs)
-            except redis_errors.ResponseError:  # stream does not exist yet
-                return 0
-            for group in groups:
-                if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
-                    return int(group.get("lag") or 0)
-            return int(await self.redis.xlen(self.keys.jobs))
+            return sum([await self._depth(stream) for stream in self.keys.job_streams])
+
+    async def _depth(self, stream: str) -> int:
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except redis_errors.ResponseError:  # stream does not exist yet
+            return 0
+        for group in groups:
+            if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
+                return int(group.get("lag") or 0)
+        return int(await self.redis.xlen(stream))
 
     async def heartbeat(self) -> None:
         """Record that this router is alive and keep its reply stream from expiring."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
@@ -29,11 +29,13 @@ from qwen_serve.queue.base import (
 from qwen_serve.queue.codec import Job, Lease, Reply, WorkerStatus, decode_lease, encode
 from qwen_serve.queue.codec import encode_replies as encode_batch
 from qwen_serve.queue.connection import QueueUnavailable, now_ms, redis_errors_as_unavailable
-from qwen_serve.queue.keys import WORKER_GROUP, Keys
+from qwen_serve.queue.keys import PRIORITY_LOW, WORKER_GROUP, Keys
 
 logger = logging.getLogger(__name__)
 
 REPLY_STREAM_MAXLEN = 100_000
+LOW_SHARE = 8
+"""A worker takes one LOW job first after this many claimed jobs of other priorities."""
 PUBSUB_CLOSE_S = 2.0
 
 
@@ -70,128 +72,196 @@ class WorkerQueue(QueueBase):
         super().__init__(client, keys, ttl_s)
         self.worker_id = worker_id
         self.status_ttl_ms = self.ttl_ms + int(outage_s * 1000)
+        self.claims_since_low = 0
 
     # -------------------------------------------------------------- claims
 
     async def ensure_group(self) -> None:
-        """Create the job stream's consumer group if it is missing."""
+        """Create the job streams' consumer group where it is missing."""
         with redis_errors_as_unavailable():
-            try:
-                await self.redis.xgroup_create(self.keys.jobs, WORKER_GROUP, id="0", mkstream=True)
-            except redis_errors.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for stream in self.keys.job_streams:
+                try:
+                    await self.redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
+                except redis_errors.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def claim(self, count: int, block_ms: int) -> list[tuple[bytes, Job | None]]:
-        """Claim up to ``count`` new jobs; None for an entry that does not decode.
+        """Claim up to ``count`` new jobs, HIGH before NORMAL before LOW; None for an
+        entry that does not decode.
 
-        Recreates the consumer group if Redis lost it (a restart without persistence).
+        One read per stream in that order until ``count`` are found. Every
+        ``LOW_SHARE`` jobs claimed, one LOW job is taken first, so LOW makes progress
+        under a steady flood of higher priorities. With nothing queued, one blocking
+        read waits on all three streams (at most one entry of each: a claim may
+        exceed ``count`` by two when jobs of several priorities arrive at once; the
+        engine queues them by priority). Recreates the consumer group if Redis lost
+        it (a restart without persistence).
         """
-        return await self._read_group(">", count, block_ms)
+        found: list[tuple[bytes, Job | None]] = []
+        for stream, most in self._claim_plan(count):
+            if len(found) < count:
+                found += await self._read_group({stream: ">"}, min(most, count - len(found)))
+        if not found and block_ms:
+            found = await self._read_group({s: ">" for s in self.keys.job_streams}, 1, block_ms)
+        low = self.keys.job_stream(PRIORITY_LOW)
+        for ref, _ in found:
+            is_low = self.keys.entry_stream(ref)[0] == low
+            self.claims_since_low = 0 if is_low else self.claims_since_low + 1
+        return found
+
+    def _claim_plan(self, count: int) -> list[tuple[str, int]]:
+        """(stream, most to read) in claim order."""
+        high, normal, low = self.keys.job_streams
+        plan = [(high, count), (normal, count), (low, count)]
+        if self.claims_since_low >= LOW_SHARE:
+            plan.insert(0, (low, 1))
+        return plan
 
     async def own_pending(self, count: int) -> list[tuple[bytes, Job | None]]:
         """Entries delivered to this worker and not acknowledged (its pending list).
 
         A claim whose answer never arrived (a timeout, a stall) left its jobs here.
         """
-        return await self._read_group("0", count, None)
+        return await self._read_group({s: "0" for s in self.keys.job_streams}, count)
 
     async def _read_group(
-        self, start: str, count: int, block_ms: int | None
+        self, streams: dict[str, str], count: int, block_ms: int | None = None
     ) -> list[tuple[bytes, Job | None]]:
         with redis_errors_as_unavailable():
             try:
-                found: Any = await self._xreadgroup(start, count, block_ms)
+                found: Any = await self._xreadgroup(streams, count, block_ms)
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 logger.warning("consumer group missing (Redis restarted?); recreating it")
                 await self.ensure_group()
-                found = await self._xreadgroup(start, count, block_ms)
+                found = await self._xreadgroup(streams, count, block_ms)
         # A pending entry deleted meanwhile reads as empty: None, like a malformed one.
         return [
-            (entry_id, decode_or_none(Job, fields) if fields else None)
-            for _stream, entries in found or []
+            (
+                self.keys.entry_ref(text(stream), entry_id),
+                decode_or_none(Job, fields) if fields else None,
+            )
+            for stream, entries in found or []
             for entry_id, fields in entries
         ]
 
-    async def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> Any:
+    async def _xreadgroup(self, streams: dict[str, str], count: int, block_ms: int | None) -> Any:
         return await self.redis.xreadgroup(
-            WORKER_GROUP, self.worker_id, {self.keys.jobs: start}, count=count, block=block_ms
+            WORKER_GROUP,
+            self.worker_id,
+            streams,  # type: ignore[arg-type]
+            count=count,
+            block=block_ms,
         )
 
     async def pending_count(self) -> int:
-        """How many entries this worker holds in the group's pending list."""
+        """How many entries this worker holds in the group's pending lists."""
+        total = 0
         with redis_errors_as_unavailable():
-            try:
-                summary: Any = await self.redis.xpending(self.keys.jobs, WORKER_GROUP)
-            except redis_errors.ResponseError:
-                return 0
-        for consumer in summary.get("consumers") or []:
-            if text(consumer["name"]) == self.worker_id:
-                return int(consumer["pending"])
-        return 0
+            for stream in self.keys.job_streams:
+                try:
+                    summary: Any = await self.redis.xpending(stream, WORKER_GROUP)
+                except redis_errors.ResponseError:
+                    continue
+                for consumer in summary.get("consumers") or []:
+                    if text(consumer["name"]) == self.worker_id:
+                        total += int(consumer["pending"])
+        return total
 
     async def stalled(self, idle_ms: int, count: int) -> list[tuple[str, bytes, int]]:
         """Pending entries of other consumers untouched for ``idle_ms``:
-        (consumer, entry id, deliveries)."""
+        (consumer, entry ref, deliveries)."""
+        out: list[tuple[str, bytes, int]] = []
         with redis_errors_as_unavailable():
-            try:
-                pending: Any = await self.redis.xpending_range(
-                    self.keys.jobs, WORKER_GROUP, "-", "+", count, idle=idle_ms
-                )
-            except redis_errors.ResponseError:
-                return []
-        return [
-            (text(p["consumer"]), p["message_id"], int(p["times_delivered"]))
-            for p in pending
-            if text(p["consumer"]) != self.worker_id
-        ]
-
-    async def orphaned(self, live: set[str], count: int) -> list[tuple[str, bytes, int]]:
-        """Pending jobs of consumers that are not in ``live``: (consumer, entry id, deliveries)."""
-        with redis_errors_as_unavailable():
-            try:
-                consumers: Any = await self.redis.xinfo_consumers(self.keys.jobs, WORKER_GROUP)
-            except redis_errors.ResponseError:  # no stream or group yet
-                return []
-            out: list[tuple[str, bytes, int]] = []
-            for consumer in consumers:
-                name = text(consumer["name"])
-                if name in live or name == self.worker_id:
+            for stream in self.keys.job_streams:
+                try:
+                    pending: Any = await self.redis.xpending_range(
+                        stream, WORKER_GROUP, "-", "+", count, idle=idle_ms
+                    )
+                except redis_errors.ResponseError:
                     continue
-                if not consumer["pending"]:
-                    await self.redis.xgroup_delconsumer(self.keys.jobs, WORKER_GROUP, name)
-                    continue
-                pending: Any = await self.redis.xpending_range(
-                    self.keys.jobs, WORKER_GROUP, "-", "+", count, consumername=name
-                )
-                out += [(name, p["message_id"], int(p["times_delivered"])) for p in pending]
-                if len(out) >= count:
-                    break
+                out += [
+                    (
+                        text(p["consumer"]),
+                        self.keys.entry_ref(stream, p["message_id"]),
+                        int(p["times_delivered"]),
+                    )
+                    for p in pending
+                    if text(p["consumer"]) != self.worker_id
+                ]
         return out[:count]
 
+    async def orphaned(self, live: set[str], count: int) -> list[tuple[str, bytes, int]]:
+        """Pending jobs of consumers that are not in ``live``: (consumer, entry ref,
+        deliveries). A gone consumer with nothing pending is deleted."""
+        out: list[tuple[str, bytes, int]] = []
+        with redis_errors_as_unavailable():
+            for stream in self.keys.job_streams:
+                if len(out) < count:
+                    out += await self._orphaned_in(stream, live, count - len(out))
+        return out[:count]
+
+    async def _orphaned_in(
+        self, stream: str, live: set[str], count: int
+    ) -> list[tuple[str, bytes, int]]:
+        try:
+            consumers: Any = await self.redis.xinfo_consumers(stream, WORKER_GROUP)
+        except redis_errors.ResponseError:  # no stream or group yet
+            return []
+        out: list[tuple[str, bytes, int]] = []
+        for consumer in consumers:
+            name = text(consumer["name"])
+            if name in live or name == self.worker_id:
+                continue
+            if not consumer["pending"]:
+                await self.redis.xgroup_delconsumer(stream, WORKER_GROUP, name)
+                continue
+            pending: Any = await self.redis.xpending_range(
+                stream, WORKER_GROUP, "-", "+", count, consumername=name
+            )
+            out += [
+                (name, self.keys.entry_ref(stream, p["message_id"]), int(p["times_delivered"]))
+                for p in pending
+            ]
+            if len(out) >= count:
+                break
+        return out
+
     async def take_over(
-        self, entry_ids: Sequence[bytes], min_idle_ms: int = 0
+        self, refs: Sequence[bytes], min_idle_ms: int = 0
     ) -> list[tuple[bytes, Job | None]]:
         """Claim the given pending entries for this worker (counts as a delivery).
 
         Only entries still idle for ``min_idle_ms`` move (Redis checks it atomically).
         """
-        if not entry_ids:
-            return []
+        out: list[tuple[bytes, Job | None]] = []
         with redis_errors_as_unavailable():
-            found: Any = await self.redis.xclaim(
-                self.keys.jobs, WORKER_GROUP, self.worker_id, min_idle_ms, list(entry_ids)
-            )
-        return [(entry_id, decode_or_none(Job, fields)) for entry_id, fields in found if fields]
+            for stream, ids in self._by_stream(refs).items():
+                found: Any = await self.redis.xclaim(
+                    stream, WORKER_GROUP, self.worker_id, min_idle_ms, ids
+                )
+                out += [
+                    (self.keys.entry_ref(stream, entry_id), decode_or_none(Job, fields))
+                    for entry_id, fields in found
+                    if fields
+                ]
+        return out
 
-    async def hand_back(self, entry_id: bytes, worker_id: str) -> None:
+    def _by_stream(self, refs: Iterable[bytes]) -> dict[str, list[Any]]:
+        """Entry refs grouped by job stream, as stream entry ids."""
+        out: dict[str, list[Any]] = {}
+        for ref in refs:
+            stream, entry_id = self.keys.entry_stream(ref)
+            out.setdefault(stream, []).append(entry_id)
+        return out
+
+    async def hand_back(self, ref: bytes, worker_id: str) -> None:
         """Give a pending entry back to the worker whose lease runs it (no new delivery)."""
+        stream, entry_id = self.keys.entry_stream(ref)
         with redis_errors_as_unavailable():
-            await self.redis.xclaim(
-                self.keys.jobs, WORKER_GROUP, worker_id, 0, [entry_id], justid=True
-            )
+            await self.redis.xclaim(stream, WORKER_GROUP, worker_id, 0, [entry_id], justid=True)
 
     async def dead_letter(self, entry_id: bytes, job: Job | None, reason: str) -> None:
         """Move a job to the dead-letter stream and remove it from the job stream."""
@@ -201,9 +271,14 @@ class WorkerQueue(QueueBase):
         with redis_errors_as_unavailable():
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(self.keys.dead_letters, fields, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
-                pipe.xack(self.keys.jobs, WORKER_GROUP, entry_id)
-                pipe.xdel(self.keys.jobs, entry_id)
+                self._remove(pipe, entry_id)
                 await pipe.execute()
+
+    def _remove(self, pipe: Any, ref: bytes) -> None:
+        """Acknowledge an entry and delete it from its job stream (in ``pipe``)."""
+        stream, entry_id = self.keys.entry_stream(ref)
+        pipe.xack(stream, WORKER_GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
 
     # -------------------------------------------------------------- leases
 
@@ -243,12 +318,13 @@ class WorkerQueue(QueueBase):
                         ex=LEASE_TTL_S,
                     )
                 if touch:
-                    ids: list[Any] = [ref.entry_id for ref in refs]
-                    pipe.xclaim(self.keys.jobs, WORKER_GROUP, self.worker_id, 0, ids, justid=True)
+                    for stream, ids in self._by_stream(r.entry_id for r in refs).items():
+                        pipe.xclaim(stream, WORKER_GROUP, self.worker_id, 0, ids, justid=True)
                 results = await pipe.execute()
+        pairs = zip(results[0 : 2 * len(refs) : 2], results[1 : 2 * len(refs) : 2], strict=True)
         return [
             LeaseCheck(bool(aborted), self._holder(ref, raw), raw is not None)
-            for ref, aborted, raw in zip(refs, results[0::2], results[1::2], strict=False)
+            for ref, (aborted, raw) in zip(refs, pairs, strict=True)
         ]
 
     def _holder(self, ref: AttemptRef, raw: bytes | None) -> Lease | None:
@@ -291,8 +367,7 @@ class WorkerQueue(QueueBase):
                 await pipe.execute()
 
     def _finish(self, pipe: Any, entry_id: bytes, leased: AttemptRef | None) -> None:
-        pipe.xack(self.keys.jobs, WORKER_GROUP, entry_id)
-        pipe.xdel(self.keys.jobs, entry_id)
+        self._remove(pipe, entry_id)
         if leased is not None:
             pipe.set(
                 self.keys.lease(leased.request_id, leased.attempt),
