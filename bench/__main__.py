@@ -5,7 +5,8 @@
 about 5); ``before-after --against REF`` (about 5 minutes) runs commit REF's router
 and worker beside this checkout's (router path at 1,000 streams, time to first token
 on the real engine); ``http`` (about 10 minutes) runs gRPC, our HTTP API (in the router
-and beside it) and vLLM's OpenAI server side by side, plus ``vllm bench serve``.
+and beside it) and vLLM's OpenAI server side by side, plus ``vllm bench serve``;
+``priority`` (about 4 minutes) each priority's first token under a flood of LOW requests.
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
 command then re-renders ``docs/benchmarks.md`` and the plots from whatever
 results exist, so benchmarks can be re-run one at a time.
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import before_after, capacity, engine_path, http_path, profile, render
+from bench import before_after, capacity, engine_path, http_path, priority, profile, render
 from bench.gpu import render as gpu_render
 
 logger = logging.getLogger("bench")
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         "profile",
         "before-after",
         "http",
+        "priority",
         "render",
         "all",
         "gpu-import",
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "http":  # ~10 min more, so not part of "all"
         name = "http_path_prefetch" if args.prefetch else "http_path"
         save(name, http_path.run(args.quick, args.prefetch, args.rounds))
+    if args.command == "priority":  # ~4 min, not part of "all"
+        save("priority", priority.run(args.quick))
     out = render.render(DATA, DOCS)
     logger.info("wrote %s", out)
 

@@ -195,6 +195,14 @@ class WorkerSettings(QueueSettings):
     )
     drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")
     claim_block_ms: int = Field(default=200, ge=1, description="Longest wait of one claim call.")
+    high_priority_reserve: int = Field(
+        default=1,
+        ge=0,
+        description="Engine slots kept for HIGH priority jobs: NORMAL and LOW jobs are "
+        "claimed only while more slots than this are free, so a HIGH job starts at once "
+        "under a flood of others (the engine does not preempt for a free slot). At most "
+        "the capacity less one; 0: none kept.",
+    )
     max_deliveries: int = Field(
         default=3, ge=1, description="Deliveries of an unstarted job before it is dead-lettered."
     )

@@ -455,7 +455,8 @@ def test_only_routers_workers_and_keda_reach_redis(prod: list[Doc]) -> None:
 
 
 def test_keda_scales_workers_on_the_jobs_stream(prod: list[Doc]) -> None:
-    """ScaledObject: worker Deployment, `<prefix>:jobs`, group `workers`, lag + in-flight."""
+    """ScaledObject: worker Deployment, group `workers`, the lag of every job stream
+    (one per priority) + in-flight."""
     from qwen_serve.queue.keys import WORKER_GROUP, Keys
 
     scaled = one(prod, "ScaledObject", "qwen-serve-worker")["spec"]
@@ -463,11 +464,14 @@ def test_keda_scales_workers_on_the_jobs_stream(prod: list[Doc]) -> None:
     assert scaled["scaleTargetRef"]["name"] == "qwen-serve-worker"
     assert scaled["minReplicaCount"] >= 1
     triggers = {t["name"]: t for t in scaled["triggers"]}
-    assert set(triggers) == {"queue-lag", "in-flight"}
+    assert set(triggers) == {"queue-lag", "queue-lag-high", "queue-lag-low", "in-flight"}
+    keys = Keys(env["QS_KEY_PREFIX"])
+    lagged = {t["metadata"]["stream"] for n, t in triggers.items() if n.startswith("queue-lag")}
+    assert lagged == set(keys.job_streams)
     for trigger in triggers.values():
         meta = trigger["metadata"]
         assert trigger["type"] == "redis-streams"
-        assert meta["stream"] == Keys(env["QS_KEY_PREFIX"]).jobs
+        assert meta["stream"] in keys.job_streams
         assert meta["consumerGroup"] == WORKER_GROUP
         assert env[meta["addressFromEnv"]] == "qwen-serve-redis:6379"
         auth = one(prod, "TriggerAuthentication", trigger["authenticationRef"]["name"])

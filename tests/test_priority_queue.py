@@ -132,3 +132,17 @@ async def test_every_step_finds_the_entry_in_its_priority_stream(
     assert await worker.pending_count() == 0 and await other.pending_count() == 0
     for stream in router.keys.job_streams:
         assert await router.redis.xlen(stream) == 0, stream
+
+
+async def test_reserved_slots_take_only_high(
+    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+) -> None:
+    """``others`` caps the NORMAL and LOW jobs of a claim (the worker's
+    high_priority_reserve): with no room for them, only a HIGH job is claimed."""
+    router, worker, _ = queues
+    await _submit(router, NORMAL, NORMAL, LOW)
+    assert _priorities(await worker.claim(3, block_ms=0, others=1)) == [NORMAL]
+    assert await worker.claim(2, block_ms=100, others=0) == []
+    await _submit(router, HIGH)
+    assert _priorities(await worker.claim(2, block_ms=100, others=0)) == [HIGH]
+    assert _priorities(await worker.claim(5, block_ms=0)) == [NORMAL, LOW]

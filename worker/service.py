@@ -114,6 +114,11 @@ class Worker:
         """Jobs this worker may claim now."""
         return self.capacity - len(self.running)
 
+    @property
+    def reserve(self) -> int:
+        """Slots only HIGH priority jobs may take (``high_priority_reserve``)."""
+        return max(0, min(self.settings.high_priority_reserve, self.capacity - 1))
+
     async def run(self) -> None:
         """Serve until drain() is called, then finish or hand over in-flight jobs."""
         await self.queue.ensure_group()
@@ -140,7 +145,9 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             try:
-                claimed = await self.queue.claim(self.free, self.settings.claim_block_ms)
+                claimed = await self.queue.claim(
+                    self.free, self.settings.claim_block_ms, others=self.free - self.reserve
+                )
             except QueueUnavailable as exc:
                 # The answer may have been lost after Redis delivered jobs: they are
                 # pending here, and the guard starts them once Redis answers again.

@@ -29,7 +29,7 @@ from qwen_serve.queue.base import (
 from qwen_serve.queue.codec import Job, Lease, Reply, WorkerStatus, decode_lease, encode
 from qwen_serve.queue.codec import encode_replies as encode_batch
 from qwen_serve.queue.connection import QueueUnavailable, now_ms, redis_errors_as_unavailable
-from qwen_serve.queue.keys import PRIORITY_LOW, WORKER_GROUP, Keys
+from qwen_serve.queue.keys import PRIORITY_HIGH, PRIORITY_LOW, WORKER_GROUP, Keys
 
 logger = logging.getLogger(__name__)
 
@@ -86,28 +86,34 @@ class WorkerQueue(QueueBase):
                     if "BUSYGROUP" not in str(exc):
                         raise
 
-    async def claim(self, count: int, block_ms: int) -> list[tuple[bytes, Job | None]]:
-        """Claim up to ``count`` new jobs, HIGH before NORMAL before LOW; None for an
-        entry that does not decode.
+    async def claim(
+        self, count: int, block_ms: int, others: int | None = None
+    ) -> list[tuple[bytes, Job | None]]:
+        """Claim up to ``count`` new jobs, HIGH before NORMAL before LOW, of which at
+        most ``others`` (default ``count``) NORMAL or LOW; None for an entry that does
+        not decode.
 
-        One read per stream in that order until ``count`` are found. Every
-        ``LOW_SHARE`` jobs claimed, one LOW job is taken first, so LOW makes progress
-        under a steady flood of higher priorities. With nothing queued, one blocking
-        read waits on all three streams (at most one entry of each: a claim may
-        exceed ``count`` by two when jobs of several priorities arrive at once; the
-        engine queues them by priority). Recreates the consumer group if Redis lost
-        it (a restart without persistence).
+        One read per stream in that order until enough are found. Every ``LOW_SHARE``
+        jobs claimed, one LOW job is taken first, so LOW makes progress under a steady
+        flood of higher priorities. With nothing queued, one blocking read waits on the
+        streams it may claim from (at most one entry of each: a claim may exceed
+        ``count`` by two when jobs of several priorities arrive at once; the engine
+        queues them by priority). Recreates the consumer group if Redis lost it (a
+        restart without persistence).
         """
+        others = count if others is None else min(others, count)
         found: list[tuple[bytes, Job | None]] = []
+        high = self.keys.job_stream(PRIORITY_HIGH)
         for stream, most in self._claim_plan(count):
-            if len(found) < count:
-                found += await self._read_group({stream: ">"}, min(most, count - len(found)))
+            room = count - len(found)
+            if stream != high:
+                room = min(room, others - self._others_in(found))
+            if room > 0:
+                found += await self._read_group({stream: ">"}, min(most, room))
         if not found and block_ms:
-            found = await self._read_group({s: ">" for s in self.keys.job_streams}, 1, block_ms)
-        low = self.keys.job_stream(PRIORITY_LOW)
-        for ref, _ in found:
-            is_low = self.keys.entry_stream(ref)[0] == low
-            self.claims_since_low = 0 if is_low else self.claims_since_low + 1
+            streams = self.keys.job_streams if others > 0 else (high,)
+            found = await self._read_group({s: ">" for s in streams}, 1, block_ms)
+        self._count_low(found)
         return found
 
     def _claim_plan(self, count: int) -> list[tuple[str, int]]:
@@ -117,6 +123,16 @@ class WorkerQueue(QueueBase):
         if self.claims_since_low >= LOW_SHARE:
             plan.insert(0, (low, 1))
         return plan
+
+    def _others_in(self, found: list[tuple[bytes, Job | None]]) -> int:
+        high = self.keys.job_stream(PRIORITY_HIGH)
+        return sum(1 for ref, _ in found if self.keys.entry_stream(ref)[0] != high)
+
+    def _count_low(self, found: list[tuple[bytes, Job | None]]) -> None:
+        low = self.keys.job_stream(PRIORITY_LOW)
+        for ref, _ in found:
+            is_low = self.keys.entry_stream(ref)[0] == low
+            self.claims_since_low = 0 if is_low else self.claims_since_low + 1
 
     async def own_pending(self, count: int) -> list[tuple[bytes, Job | None]]:
         """Entries delivered to this worker and not acknowledged (its pending list).
