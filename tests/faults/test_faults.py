@@ -192,7 +192,7 @@ async def test_worker_drain_hands_unfinished_streams_over(
     """SIGTERM with a 3 s drain grace (the fault stack's workers): what is not done by
     then is handed over and continued on the other worker, token-exact."""
     await await_workers(faults, 2)
-    tokens = 300
+    tokens = 1500  # still streaming when the 3 s grace ends
     progress = asyncio.Event()
     tasks = [
         asyncio.create_task(run_stream(fstub, raw_generate(i, tokens), progress)) for i in range(4)

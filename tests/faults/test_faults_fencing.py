@@ -40,7 +40,6 @@ from tests.fault_support import (
     submit_as_router,
     submit_claimed_by_ghost,
     thaw,
-    warm_workers,
     worker_id,
 )
 from tests.helpers import chat, wait_engines_idle
@@ -97,7 +96,7 @@ async def test_frozen_worker_is_fenced_and_an_abort_in_the_failover_ends_at_once
     """SIGSTOP the busiest worker beyond the heartbeat TTL: its streams continue on the
     other worker; Abort of one of them in that window ends it with Finished (abort);
     after SIGCONT the router drops the old worker's writes and it aborts its requests."""
-    await warm_workers(faults, fstub)
+    await await_workers(faults, 2)
     tokens = 1500  # still running when the heartbeat TTL has passed
     tasks, outs = await start_streams(fstub, 6, tokens)
     victim_id, on_victim = await _busiest_holder(faults, outs)
