@@ -118,6 +118,14 @@ class RouterMetrics:
             ["tenant", "type"],
             **kw,
         )
+        self.placements = Counter(
+            "qwen_serve_placements",
+            "New jobs by where they were queued: placed (a worker's own stream, by their "
+            "prompt's prefix), shared (every worker at its load bound, or not placed: HIGH, "
+            "LOW, placement off), moved (placed, not started in time: to the shared stream).",
+            ["outcome"],
+            **kw,
+        )
         self._genai(kw)
 
     def _genai(self, kw: dict[str, Any]) -> None:

@@ -101,6 +101,24 @@ class RouterSettings(QueueSettings):
         description="After Abort, how long to wait for the running worker's own end of the "
         "stream (with exact usage) before ending it here.",
     )
+    placement: bool = Field(
+        default=True,
+        description="Send NORMAL jobs to the worker most likely to hold their prompt's "
+        "prefix in its cache (router/placement.py); off: every job to the shared streams.",
+    )
+    placement_bound: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="A worker takes placed jobs while its load is at most this many times "
+        "the fleet's average (and below its capacity); beyond, the next worker in the "
+        "job's ranking, or the shared stream.",
+    )
+    placement_wait_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="A placed job no worker has started after this long (or whose worker's "
+        "heartbeat stopped) is moved to the shared stream.",
+    )
     submit_batch_max: int = Field(default=256, ge=1, description="Jobs per pipelined write.")
     retry_after_ms: int = Field(default=500, ge=1, description="Retry hint when overloaded.")
     drain_grace_s: float = Field(default=30.0, ge=0, description="Time to finish streams on stop.")

@@ -47,6 +47,10 @@ class Channel:
     """The job-stream entry of the current attempt (known once written)."""
     mark: int = 0
     """The router's write mark of that entry (RouterQueue.submit)."""
+    placed_on: str = ""
+    """The worker whose own stream holds the entry, until a worker's reply arrives."""
+    placed_at: float = 0.0
+    """When it was placed there (monotonic seconds)."""
     worker_id: str = ""
     """The worker streaming the current attempt; empty until its first reply."""
     seq: int = 0

@@ -28,6 +28,7 @@ from qwen_serve.queue.codec import Job, Reply, WorkerStatus
 from qwen_serve.settings import RouterSettings
 from router import observability
 from router.channels import Channel, Verdict, is_terminal
+from router.placement import Placer
 from router.quotas import Quotas, load_limits
 from router.recovery import StreamRecovery
 
@@ -80,6 +81,8 @@ class _Submission:
     job: Job
     done: asyncio.Future[Written]
     fence: tuple[str, int] | None = None
+    placed: str = ""
+    """The worker whose own stream the job goes to ("" for the shared stream)."""
 
 
 class Dispatcher:
@@ -106,6 +109,7 @@ class Dispatcher:
         self._pending: asyncio.Queue[_Submission] = asyncio.Queue()
         self._aborts: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._submitted_since_refresh = 0
+        self.placer = Placer(settings)
 
     async def start(self) -> None:
         """Take a first look at the cluster and start the background tasks."""
@@ -168,7 +172,8 @@ class Dispatcher:
         self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
         finished = False
         try:
-            channel.entry_id, channel.mark = await self.submit(job)
+            placed = self.placer.place(channel, self.view.workers)
+            channel.entry_id, channel.mark = await self.submit(job, placed=placed)
             while True:
                 event = await channel.events.get()
                 yield event
@@ -179,6 +184,7 @@ class Dispatcher:
                     return
         finally:
             self.channels.pop(job.request_id, None)
+            self.placer.ended(channel)
             self._release_tenant(job.tenant)
             self._release_quota(job.request_id)
             if not finished:
@@ -257,14 +263,17 @@ class Dispatcher:
         await asyncio.sleep(self.settings.abort_grace_s)
         channel.end_aborted()
 
-    async def submit(self, job: Job, fence: tuple[str, int] | None = None) -> Written:
+    async def submit(
+        self, job: Job, fence: tuple[str, int] | None = None, placed: str = ""
+    ) -> Written:
         """Queue ``job`` for the submit task; its entry id and write mark once written.
 
+        ``placed``: the worker whose own stream it goes to ("": the shared stream).
         RequestError (UNAVAILABLE) if Redis stays unreachable beyond the outage bound.
         """
         done: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
         observability.produced(job, done)
-        self._pending.put_nowait(_Submission(job, done, fence))
+        self._pending.put_nowait(_Submission(job, done, fence, placed))
         self._submitted_since_refresh += 1
         try:
             return await done
@@ -283,7 +292,8 @@ class Dispatcher:
                 continue
             try:
                 fences = [s.fence for s in batch if s.fence is not None]
-                ids = await self.queue.submit([s.job for s in batch], fences)
+                placed = [s.placed for s in batch]
+                ids = await self.queue.submit([s.job for s in batch], fences, placed)
             except QueueUnavailable as exc:
                 batch = await self._submit_failed(batch, exc)
                 continue
@@ -364,7 +374,7 @@ class Dispatcher:
             await self.queue.heartbeat()
             self._redis_answered(took=time.monotonic() - began)
             workers = await self.queue.live_workers(self.outage.grace_ms())
-            depth = await self.queue.queue_depth()
+            depth = await self.queue.queue_depth([w.worker_id for w in workers])
             await self.quotas.refresh([(t, r) for r, t in self._quota_held.items()])
         except QueueUnavailable as exc:
             if self.view.redis_ok:
@@ -376,8 +386,40 @@ class Dispatcher:
             self.view.redis_ok, self.view.riding_out = True, False
             self.view.workers, self.view.queue_depth = workers, depth
             self._submitted_since_refresh = 0
-            self.recovery.recover_orphans({w.worker_id for w in workers})
+            self.placer.refreshed()
+            live = {w.worker_id for w in workers}
+            self.recovery.recover_orphans(live)
+            self.tasks.spawn(self._move_overdue(live))
         await self._notify()
+
+    async def _move_overdue(self, live: set[str]) -> None:
+        """Move placed jobs that wait on a busy, stalled or gone worker to the shared stream."""
+        waiting = self.placer.overdue(self.channels.values(), live)
+        if not waiting:
+            return
+        try:
+            queued = await self.queue.undelivered([c.entry_id for c, _ in waiting])
+        except QueueUnavailable:
+            return  # the next refresh looks again
+        for (channel, gone), unclaimed in zip(waiting, queued, strict=True):
+            if gone or unclaimed or self.placer.stalled(channel):
+                logger.warning()
+                self.placer.moved(channel)
+                self.tasks.spawn(self._move_to_shared(channel))
+
+    async def _move_to_shared(self, channel: Channel) -> None:
+        """Queue a placed job on the shared stream and delete the placed entry. Should its
+        worker claim the entry meanwhile, the attempt's lease lets only one of the two run."""
+        placed = channel.entry_id
+        try:
+            channel.entry_id, channel.mark = await self.submit(channel.job)
+            await self.queue.drop(placed)
+        except (RequestError, QueueUnavailable) as exc:
+            logger.warning(
+                "could not move job %s to the shared stream: %s", channel.job.request_id, exc
+            )
+            return
+        observability.placement("moved")
 
     def _fail_all(self, message: str) -> None:
         for channel in self.channels.values():

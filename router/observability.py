@@ -402,6 +402,11 @@ def tenant_label(tenant: str) -> str:
     return tenant or "anonymous"
 
 
+def placement(outcome: str) -> None:
+    """Count where a new job was queued: placed, shared or moved."""
+    metrics.router_metrics().placements.labels(outcome).inc()
+
+
 def tenant_admission(tenant: str, outcome: str) -> None:
     """Count a request of ``tenant`` admitted or limited by its tenant limits."""
     metrics.router_metrics().tenant_requests.labels(tenant_label(tenant), outcome).inc()

@@ -127,12 +127,19 @@ async def await_workers(stack: FaultStack, count: int, timeout: float = 300) -> 
     if live - stack.warmed:
         async with grpc.aio.insecure_channel(stack.target) as channel:
             stub = serve_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
-            burst = [run_stream(stub, raw_generate(i, 32)) for i in range(4 * len(live))]
+            burst = [run_stream(stub, _warm_up(i)) for i in range(4 * len(live))]
             ends = await asyncio.gather(*burst)
         assert all(s.complete for s in ends), [s for s in ends if not s.complete]
         stack.warmed |= live
         live = await _live_at_least(stack, count, timeout)
     stack.warmed |= live
+
+
+def _warm_up(i: int) -> pb.GenerateRequest:
+    """A short HIGH generation: HIGH jobs are not placed, so every worker claims some."""
+    request = raw_generate(i, 32)
+    request.priority = pb.PRIORITY_HIGH
+    return request
 
 
 async def _live_at_least(stack: FaultStack, count: int, timeout: float) -> set[str]:

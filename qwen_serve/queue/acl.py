@@ -24,8 +24,10 @@ CONNECTION = ["+ping", "+hello", "+auth"]
 
 
 def _on_jobs(keys: Keys, permission: str) -> str:
-    """Key patterns of every job stream (HIGH, NORMAL, LOW) with one permission prefix."""
-    return " ".join(f"{permission}~{stream}" for stream in keys.job_streams)
+    """Key patterns of every job stream (HIGH, NORMAL, LOW and the workers' own) with one
+    permission prefix."""
+    streams = [*keys.job_streams, keys.worker_jobs("*")]
+    return " ".join(f"{permission}~{stream}" for stream in streams)
 
 
 def router_rules(keys: Keys) -> list[str]:
@@ -39,6 +41,7 @@ def router_rules(keys: Keys) -> list[str]:
         "+publish",
         f"({_on_jobs(keys, '%W')} +xadd)",
         f"({_on_jobs(keys, '%R')} +xinfo|groups +xpending +xlen)",
+        f"(%W~{keys.worker_jobs('*')} +xdel +expire)",  # placed jobs moved to a shared stream
         f"(~{keys.replies('*')} +xread +xtrim +xinfo|stream +expire +del)",
         f"(~{keys.lease('*', 0)} +get +set)",
         f"(%W~{keys.abort_marker('*')} +set)",
@@ -63,6 +66,7 @@ def worker_rules(keys: Keys) -> list[str]:
         "+subscribe",
         "+unsubscribe",
         f"({_on_jobs(keys, '')} {jobs} +xgroup|create +xgroup|delconsumer)",
+        f"(~{keys.worker_jobs('*')} +expire)",  # its own stream, renewed with its heartbeat
         f"(%W~{keys.dead_letters} +xadd)",
         f"(%W~{keys.replies('*')} +xadd)",
         f"(~{keys.lease('*', 0)} +get +set)",

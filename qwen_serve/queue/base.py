@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 
 LEASE_TTL_S = 24 * 3600  # longer than any stream; a done lease is kept DONE_LEASE_TTL_S
 DONE_LEASE_TTL_S = 600
+WORKER_STREAM_TTL_S = 600
+"""A worker's own job stream (jobs placed on it) outlives the worker's last heartbeat
+and the routers' last write by this long; routers move what waits there when the
+worker is gone."""
 
 
 class QueueBase:

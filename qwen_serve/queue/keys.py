@@ -37,20 +37,24 @@ class Keys:
             self.job_stream(PRIORITY_LOW),
         )
 
+    def worker_jobs(self, worker_id: str) -> str:
+        """Job stream of one worker: jobs the routers placed there (``router/placement.py``)."""
+        return f"{self.jobs}:w:{worker_id}"
+
     def entry_ref(self, stream: str, entry_id: bytes) -> bytes:
         """A job entry's id made unique across the job streams.
 
         A NORMAL entry keeps its stream id (``1700000000000-0``, as before there were
         several streams); the others are prefixed with their stream's suffix
-        (``high/1700000000000-0``).
+        (``high/1700000000000-0``, ``w:worker-1/1700000000000-0``).
         """
         if stream == self.jobs:
             return entry_id
-        return stream.rpartition(":")[2].encode() + b"/" + entry_id
+        return stream.removeprefix(f"{self.jobs}:").encode() + b"/" + entry_id
 
     def entry_stream(self, ref: bytes) -> tuple[str, bytes]:
         """(job stream, stream entry id) of an :meth:`entry_ref`."""
-        label, slash, entry_id = ref.partition(b"/")
+        label, slash, entry_id = ref.rpartition(b"/")
         if not slash:
             return self.jobs, ref
         return f"{self.jobs}:{label.decode()}", entry_id

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from qwen_serve.queue.base import LEASE_TTL_S, QueueBase, replies_or_none
+from qwen_serve.queue.base import LEASE_TTL_S, WORKER_STREAM_TTL_S, QueueBase, replies_or_none
 from qwen_serve.queue.codec import Job, Lease, Reply, decode_lease, encode, job_priority
 from qwen_serve.queue.connection import now_ms, redis_errors_as_unavailable
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
@@ -39,10 +39,16 @@ class RouterQueue(QueueBase):
         return self.mark
 
     async def submit(
-        self, jobs: Sequence[Job], fence: Sequence[tuple[str, int]] = ()
+        self,
+        jobs: Sequence[Job],
+        fence: Sequence[tuple[str, int]] = (),
+        placed: Sequence[str] = (),
     ) -> list[bytes]:
-        """Append jobs to their priority's job stream in one pipelined round trip; their
-        entry refs (``Keys.entry_ref``).
+        """Append jobs to their job streams in one pipelined round trip; their entry refs
+        (``Keys.entry_ref``).
+
+        ``placed`` (one per job, or empty) names the worker whose own stream a job goes
+        to; "" (or no ``placed``) means its priority's shared stream.
 
         ``fence`` (request id, attempt) pairs are fenced first, in the same round
         trip: a continuation fences the attempt it replaces. After the jobs, the
@@ -53,13 +59,28 @@ class RouterQueue(QueueBase):
         with redis_errors_as_unavailable():
             async with self.redis.pipeline(transaction=False) as pipe:
                 self._fence(pipe, fence)
-                streams = [self.keys.job_stream(job_priority(job)) for job in jobs]
+                streams = self._streams_of(jobs, placed)
                 for stream, job in zip(streams, jobs, strict=True):
                     pipe.xadd(stream, encode(job))  # type: ignore[arg-type]
                 pipe.zadd(self.keys.routers, {self.router_id: self._next_mark()})
+                for stream in {s for s in streams if s not in self.keys.job_streams}:
+                    pipe.expire(stream, WORKER_STREAM_TTL_S, nx=True)  # a gone worker's
                 results = await pipe.execute()
         ids = results[len(fence) : len(fence) + len(jobs)]
         return [self.keys.entry_ref(s, bytes(i)) for s, i in zip(streams, ids, strict=True)]
+
+    def _streams_of(self, jobs: Sequence[Job], placed: Sequence[str]) -> list[str]:
+        workers = placed or [""] * len(jobs)
+        return [
+            self.keys.worker_jobs(worker) if worker else self.keys.job_stream(job_priority(job))
+            for job, worker in zip(jobs, workers, strict=True)
+        ]
+
+    async def drop(self, ref: bytes) -> None:
+        """Delete a job entry no worker claimed (it was written again elsewhere)."""
+        stream, entry_id = self.keys.entry_stream(ref)
+        with redis_errors_as_unavailable():
+            await self.redis.xdel(stream, entry_id)
 
     async def surviving_mark(self) -> int:
         """The newest write mark Redis still has (0 if it lost them all)."""
@@ -70,12 +91,12 @@ class RouterQueue(QueueBase):
     async def undelivered(self, refs: Sequence[bytes]) -> list[bool]:
         """For each job entry ref: whether it is beyond what its stream delivered to the
         worker group (still queued, if it exists)."""
-        delivered = {s: await self._last_delivered_id(s) for s in self.keys.job_streams}
-        out = []
-        for ref in refs:
-            stream, entry_id = self.keys.entry_stream(ref)
-            out.append(stream_position(entry_id) > stream_position(delivered.get(stream, b"0-0")))
-        return out
+        located = [self.keys.entry_stream(ref) for ref in refs]
+        delivered = {s: await self._last_delivered_id(s) for s in {s for s, _ in located}}
+        return [
+            stream_position(entry_id) > stream_position(delivered[stream])
+            for stream, entry_id in located
+        ]
 
     async def _last_delivered_id(self, stream: str) -> bytes:
         """The newest entry of ``stream`` delivered to any worker ("0-0" if none)."""
@@ -161,10 +182,12 @@ class RouterQueue(QueueBase):
                     pipe.publish(self.keys.aborts, request_id)
                 await pipe.execute()
 
-    async def queue_depth(self) -> int:
-        """Jobs not yet claimed by any worker, over every job stream."""
+    async def queue_depth(self, workers: Sequence[str] = ()) -> int:
+        """Jobs not yet claimed by any worker, over the shared job streams and the own
+        streams of ``workers``."""
+        streams = [*self.keys.job_streams, *(self.keys.worker_jobs(w) for w in workers)]
         with redis_errors_as_unavailable():
-            return sum([await self._depth(stream) for stream in self.keys.job_streams])
+            return sum([await self._depth(stream) for stream in streams])
 
     async def _depth(self, stream: str) -> int:
         try:

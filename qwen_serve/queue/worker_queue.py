@@ -22,6 +22,7 @@ from redis import exceptions as redis_errors
 from qwen_serve.queue.base import (
     DONE_LEASE_TTL_S,
     LEASE_TTL_S,
+    WORKER_STREAM_TTL_S,
     QueueBase,
     decode_or_none,
     text,
@@ -76,10 +77,17 @@ class WorkerQueue(QueueBase):
 
     # -------------------------------------------------------------- claims
 
+    @property
+    def streams(self) -> tuple[str, str, str, str]:
+        """The job streams this worker claims from, in order: HIGH, its own (jobs placed
+        here by the routers), NORMAL, LOW."""
+        high, normal, low = self.keys.job_streams
+        return high, self.keys.worker_jobs(self.worker_id), normal, low
+
     async def ensure_group(self) -> None:
         """Create the job streams' consumer group where it is missing."""
         with redis_errors_as_unavailable():
-            for stream in self.keys.job_streams:
+            for stream in self.streams:
                 try:
                     await self.redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
                 except redis_errors.ResponseError as exc:
@@ -97,7 +105,7 @@ class WorkerQueue(QueueBase):
         jobs claimed, one LOW job is taken first, so LOW makes progress under a steady
         flood of higher priorities. With nothing queued, one blocking read waits on the
         streams it may claim from (at most one entry of each: a claim may exceed
-        ``count`` by two when jobs of several priorities arrive at once; the engine
+        ``count`` by three when jobs arrive on several streams at once; the engine
         queues them by priority). Recreates the consumer group if Redis lost it (a
         restart without persistence).
         """
@@ -111,15 +119,15 @@ class WorkerQueue(QueueBase):
             if room > 0:
                 found += await self._read_group({stream: ">"}, min(most, room))
         if not found and block_ms:
-            streams = self.keys.job_streams if others > 0 else (high,)
+            streams = self.streams if others > 0 else (high,)
             found = await self._read_group({s: ">" for s in streams}, 1, block_ms)
         self._count_low(found)
         return found
 
     def _claim_plan(self, count: int) -> list[tuple[str, int]]:
         """(stream, most to read) in claim order."""
-        high, normal, low = self.keys.job_streams
-        plan = [(high, count), (normal, count), (low, count)]
+        plan = [(stream, count) for stream in self.streams]
+        low = self.streams[-1]
         if self.claims_since_low >= LOW_SHARE:
             plan.insert(0, (low, 1))
         return plan
@@ -139,7 +147,7 @@ class WorkerQueue(QueueBase):
 
         A claim whose answer never arrived (a timeout, a stall) left its jobs here.
         """
-        return await self._read_group({s: "0" for s in self.keys.job_streams}, count)
+        return await self._read_group({s: "0" for s in self.streams}, count)
 
     async def _read_group(
         self, streams: dict[str, str], count: int, block_ms: int | None = None
@@ -176,7 +184,7 @@ class WorkerQueue(QueueBase):
         """How many entries this worker holds in the group's pending lists."""
         total = 0
         with redis_errors_as_unavailable():
-            for stream in self.keys.job_streams:
+            for stream in self.streams:
                 try:
                     summary: Any = await self.redis.xpending(stream, WORKER_GROUP)
                 except redis_errors.ResponseError:
@@ -438,6 +446,7 @@ class WorkerQueue(QueueBase):
                 )
                 pipe.zadd(self.keys.workers, {self.worker_id: status.heartbeat_unix_ms})
                 pipe.zremrangebyscore(self.keys.workers, "-inf", now_ms() - 10 * self.ttl_ms)
+                pipe.expire(self.keys.worker_jobs(self.worker_id), WORKER_STREAM_TTL_S)
                 await pipe.execute()
 
     async def leave(self) -> None:
