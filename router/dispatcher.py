@@ -403,7 +403,19 @@ class Dispatcher:
             return  # the next refresh looks again
         for (channel, gone), unclaimed in zip(waiting, queued, strict=True):
             if gone or unclaimed or self.placer.stalled(channel):
-                logger.warning()
+                why = (
+                    "is gone"
+                    if gone
+                    else "has not claimed it"
+                    if unclaimed
+                    else "has not started it"
+                )
+                logger.info(
+                    "job %s: worker %s %s; moving it to the shared stream",
+                    channel.job.request_id,
+                    channel.placed_on,
+                    why,
+                )
                 self.placer.moved(channel)
                 self.tasks.spawn(self._move_to_shared(channel))
 

@@ -138,16 +138,6 @@ class Placer:
         prefer = self.last.get(key, "")
         worker = choose(key, workers, recent, self.settings.placement_bound, prefer)
         observability.placement("placed" if worker else "shared")
-        import logging
-
-        logging.getLogger(__name__).warning(
-            channel.job.request_id,
-            key.hex()[:8],
-            prefer,
-            worker,
-            recent,
-            [(w.worker_id, w.running) for w in workers],
-        )
         if not worker:
             return ""
         self._remember(key, worker)
