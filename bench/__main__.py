@@ -6,7 +6,8 @@ about 5); ``before-after --against REF`` (about 5 minutes) runs commit REF's rou
 and worker beside this checkout's (router path at 1,000 streams, time to first token
 on the real engine); ``http`` (about 10 minutes) runs gRPC, our HTTP API (in the router
 and beside it) and vLLM's OpenAI server side by side, plus ``vllm bench serve``;
-``priority`` (about 4 minutes) each priority's first token under a flood of LOW requests.
+``priority`` (about 4 minutes) each priority's first token under a flood of LOW requests;
+``placement`` (about 10 minutes) prefix-cache hits of multi-turn chats on 1-3 workers.
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
 command then re-renders ``docs/benchmarks.md`` and the plots from whatever
 results exist, so benchmarks can be re-run one at a time.
@@ -22,7 +23,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import before_after, capacity, engine_path, http_path, priority, profile, render
+from bench import (
+    before_after,
+    capacity,
+    engine_path,
+    http_path,
+    placement,
+    priority,
+    profile,
+    render,
+)
 from bench.gpu import render as gpu_render
 
 logger = logging.getLogger("bench")
@@ -52,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         "before-after",
         "http",
         "priority",
+        "placement",
         "render",
         "all",
         "gpu-import",
@@ -96,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         save(name, http_path.run(args.quick, args.prefetch, args.rounds))
     if args.command == "priority":  # ~4 min, not part of "all"
         save("priority", priority.run(args.quick))
+    if args.command == "placement":  # ~10 min, not part of "all"
+        save("placement", placement.run(args.quick))
     out = render.render(DATA, DOCS)
     logger.info("wrote %s", out)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from bench import before_after, plots, priority, render_http, targets
+from bench import before_after, placement, plots, priority, render_http, targets
 from bench.gpu import render as gpu_render
 from bench.tables import cpu as _cpu
 from bench.tables import table
@@ -297,6 +297,7 @@ def render(data_dir: Path, docs: Path) -> Path:
         "--against REF` (an earlier commit beside this checkout, about 5 minutes);",
         "`python -m bench http` (gRPC vs HTTP vs vLLM's OpenAI server, about 10 minutes);",
         "`python -m bench priority` (each priority's first token under a LOW flood, ~4 min);",
+        "`python -m bench placement` (prefix-cache hits of multi-turn chats, ~10 min);",
         "`python -m bench render` rewrites this page",
         "from `docs/benchmarks-data/`. Do not edit by hand: the analysis lives in",
         "`bench/findings.md`. Load generator and ghz commands: `loadtest/README.md`.",
@@ -330,6 +331,10 @@ def render(data_dir: Path, docs: Path) -> Path:
         "## 4. Fleet scheduling: priority across the queue",
         "",
         *priority.section(load(data_dir, "priority")),
+        "",
+        "## 5. Fleet scheduling: prefix-aware placement",
+        "",
+        *placement.section(load(data_dir, "placement")),
         "",
         "## Profiles",
         "",
