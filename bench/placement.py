@@ -253,6 +253,8 @@ def section(data: dict[str, Any]) -> list[str]:
             counts = sorted(c["skewed_per_worker"].values(), reverse=True)
             share = sum(counts) / c["workers"]
             skew_rows.append((c["label"], ", ".join(map(str, counts)), f"{counts[0] / share:.2f}x"))
-        header = ("configuration", "requests per worker", "busiest / share")
-        lines += [*table(header, skew_rows), ""]
+        lines += [
+            *table(("configuration", "requests per worker", "busiest / share"), skew_rows),
+            "",
+        ]
     return lines
