@@ -15,6 +15,9 @@ import pytest
 
 from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve.queue.broker import RouterQueue, WorkerQueue, connect
+from qwen_serve.queue.keys import Keys
+from qwen_serve.settings import QueueSettings, new_id
 from tests.reliability import write_report
 
 
@@ -47,6 +50,26 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         proc.stop()
+
+
+QueueTrio = tuple[RouterQueue, WorkerQueue, WorkerQueue]
+
+
+@pytest.fixture
+async def queues(redis_url: str) -> AsyncIterator[QueueTrio]:
+    """A router's queue and two workers' ("worker-1", "worker-2", groups created) on
+    the module's redis-server, under a fresh key prefix."""
+    settings = QueueSettings(redis_url=redis_url, key_prefix=new_id("qs-queues"))
+    keys = Keys(settings.key_prefix)
+    router = RouterQueue(connect(settings, 1000), keys, "router-q", 5.0)
+    workers = [WorkerQueue(connect(settings, 1000), keys, f"worker-{i}", 5.0) for i in (1, 2)]
+    for worker in workers:
+        await worker.ensure_group()
+    try:
+        yield router, workers[0], workers[1]
+    finally:
+        for queue in (router, *workers):
+            await queue.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,18 +4,14 @@ ranking with a load bound), and the workers' own streams on a real Redis."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
-
-import pytest
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.queue.broker import RouterQueue, WorkerQueue, connect
 from qwen_serve.queue.codec import Job, WorkerStatus
-from qwen_serve.queue.keys import Keys
-from qwen_serve.settings import QueueSettings, RouterSettings, new_id
+from qwen_serve.settings import RouterSettings
 from router.channels import Channel
 from router.jobs import make_job
 from router.placement import Placer, choose, prefix_key, rank
+from tests.conftest import QueueTrio
 from tests.helpers import chat
 
 
@@ -121,23 +117,8 @@ def test_the_placer_moves_jobs_of_a_gone_or_slow_worker() -> None:
     assert off.place(Channel(_job(_conversation("tides", 1))), workers) == ""
 
 
-@pytest.fixture
-async def queues(redis_url: str) -> AsyncIterator[tuple[RouterQueue, WorkerQueue, WorkerQueue]]:
-    settings = QueueSettings(redis_url=redis_url, key_prefix=new_id("qs-placement"))
-    keys = Keys(settings.key_prefix)
-    router = RouterQueue(connect(settings, 1000), keys, "router-p", 5.0)
-    workers = [WorkerQueue(connect(settings, 1000), keys, f"worker-{i}", 5.0) for i in (1, 2)]
-    for worker in workers:
-        await worker.ensure_group()
-    try:
-        yield router, workers[0], workers[1]
-    finally:
-        for queue in (router, *workers):
-            await queue.close()
-
-
 async def test_a_placed_job_is_claimed_by_its_worker_only(
-    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+    queues: QueueTrio,
 ) -> None:
     router, owner, other = queues
     jobs = [_job(chat("hi", max_tokens=4)) for _ in range(3)]

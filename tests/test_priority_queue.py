@@ -5,17 +5,12 @@ priority's stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.queue.broker import AttemptRef, RouterQueue, WorkerQueue, connect
+from qwen_serve.queue.broker import AttemptRef, RouterQueue
 from qwen_serve.queue.codec import Job, job_priority
-from qwen_serve.queue.keys import Keys
 from qwen_serve.queue.worker_queue import LOW_SHARE
-from qwen_serve.settings import QueueSettings, new_id
 from router.jobs import make_job
+from tests.conftest import QueueTrio
 from tests.helpers import chat
 
 HIGH, NORMAL, LOW, UNSET = (
@@ -24,21 +19,6 @@ HIGH, NORMAL, LOW, UNSET = (
     pb.PRIORITY_LOW,
     pb.PRIORITY_UNSPECIFIED,
 )
-
-
-@pytest.fixture
-async def queues(redis_url: str) -> AsyncIterator[tuple[RouterQueue, WorkerQueue, WorkerQueue]]:
-    settings = QueueSettings(redis_url=redis_url, key_prefix=new_id("qs-priority"))
-    keys = Keys(settings.key_prefix)
-    router = RouterQueue(connect(settings, 1000), keys, "router-p", 5.0)
-    workers = [WorkerQueue(connect(settings, 1000), keys, f"worker-{i}", 5.0) for i in (1, 2)]
-    for worker in workers:
-        await worker.ensure_group()
-    try:
-        yield router, workers[0], workers[1]
-    finally:
-        for queue in (router, *workers):
-            await queue.close()
 
 
 def _job(priority: int, router: RouterQueue) -> Job:
@@ -62,7 +42,7 @@ def _priorities(claimed: list[tuple[bytes, Job | None]]) -> list[int]:
 
 
 async def test_high_is_claimed_before_normal_before_low(
-    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+    queues: QueueTrio,
 ) -> None:
     router, worker, _ = queues
     await _submit(router, LOW, LOW, NORMAL, UNSET, HIGH, LOW, HIGH)
@@ -76,7 +56,7 @@ async def test_high_is_claimed_before_normal_before_low(
 
 
 async def test_low_makes_progress_under_a_flood_of_high(
-    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+    queues: QueueTrio,
 ) -> None:
     router, worker, _ = queues
     await _submit(router, *[LOW] * 3, *[HIGH] * (3 * LOW_SHARE))
@@ -88,7 +68,7 @@ async def test_low_makes_progress_under_a_flood_of_high(
 
 
 async def test_a_blocked_claim_wakes_for_any_priority(
-    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+    queues: QueueTrio,
 ) -> None:
     router, worker, _ = queues
     for priority in (LOW, HIGH, NORMAL):
@@ -99,7 +79,7 @@ async def test_a_blocked_claim_wakes_for_any_priority(
 
 
 async def test_every_step_finds_the_entry_in_its_priority_stream(
-    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+    queues: QueueTrio,
 ) -> None:
     """Entry refs of HIGH and LOW jobs carry their stream: audit, hand-back, take-over,
     finish, dead letter and the router's recovery checks all reach the right entry."""
@@ -135,7 +115,7 @@ async def test_every_step_finds_the_entry_in_its_priority_stream(
 
 
 async def test_reserved_slots_take_only_high(
-    queues: tuple[RouterQueue, WorkerQueue, WorkerQueue],
+    queues: QueueTrio,
 ) -> None:
     """``others`` caps the NORMAL and LOW jobs of a claim (the worker's
     high_priority_reserve): with no room for them, only a HIGH job is claimed."""
