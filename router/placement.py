@@ -9,8 +9,7 @@ worker first for as long as it lives, and a worker joining or leaving moves only
 keys it wins or held.
 
 The first-ranked worker is taken only while its load stays within ``bound`` times the
-fleet's average plus ``SLACK`` (bounded-load consistent hashing), and never beyond its
-capacity;
+fleet's average (bounded-load consistent hashing), and never beyond its capacity;
 otherwise the next one; if every worker is at its bound, the shared stream. A router
 remembers where each recent key went and tries that worker first: a conversation the
 bound once sent off its first rank keeps its cache where it began. A placed
@@ -46,9 +45,6 @@ LEADING_TOKENS = 256
 STARTED_WITHIN_S = 15.0
 """A placed job its worker claimed but has not started after this long is moved (the
 workers' own reclaim_unstarted_s for the shared streams)."""
-SLACK = 2
-"""Jobs a worker may hold beyond the bound: at a low load the bound alone would send a
-conversation away for one job more (and heartbeats count running jobs a second late)."""
 REMEMBERED_KEYS = 100_000
 """Keys whose last worker a router remembers (about 10 MB)."""
 LEADING_CHARS = 1024
@@ -105,7 +101,7 @@ def choose(
         return ready[worker_id].running + placed.get(worker_id, 0)
 
     total = sum(load(w) for w in ready) + 1  # with this job
-    limit = math.ceil(bound * total / len(ready)) + SLACK
+    limit = math.ceil(bound * total / len(ready))
     ranked = rank(key, list(ready))
     if prefer in ready:
         ranked.remove(prefer)

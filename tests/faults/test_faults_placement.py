@@ -62,27 +62,44 @@ async def _conversation(stack: FaultStack, stub: Stub, topic: str, turns: int) -
     return holders
 
 
-async def test_a_conversation_stays_on_one_worker(faults: FaultStack, fstub: Stub) -> None:
-    """Eight conversations of four turns, four side by side: every turn of one
-    conversation runs where its first did, and the conversations use both workers."""
+async def test_a_conversation_stays_on_its_worker(faults: FaultStack, fstub: Stub) -> None:
+    """Conversations of four turns, one at a time on an idle fleet: every turn runs on
+    the worker its conversation ranks first, and each worker is some conversation's."""
     await await_workers(faults, 2)
-    holders = []
-    for batch in range(2):
-        runs = [_conversation(faults, fstub, f"topic {batch}-{i}", 4) for i in range(4)]
-        holders += await asyncio.gather(*runs)
-    for topic, ran_on in enumerate(holders):
-        assert len(set(ran_on)) == 1, (topic, ran_on)
-    assert len({ran_on[0] for ran_on in holders}) == 2, holders
+    await _idle(faults)
+    ids = sorted(await live_worker_ids(faults))
+    topics = [_ranked_first_on(ids[i % 2], ids, skip=i // 2) for i in range(6)]
+    for i, topic in enumerate(topics):
+        ran_on = await _conversation(faults, fstub, topic, 4)
+        assert ran_on == [ids[i % 2]] * 4, (topic, ran_on)
 
 
-def _ranked_first_on(target: str, workers: list[str]) -> str:
-    """A conversation topic whose key ranks ``target`` first among ``workers``."""
+async def _idle(stack: FaultStack, timeout: float = 60) -> None:
+    """Wait until the workers' heartbeats show nothing running (the warm-up ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        queue = stack.queue()
+        try:
+            statuses = await queue.live_workers()
+        finally:
+            await queue.close()
+        if statuses and not any(s.running for s in statuses):
+            return
+        assert time.monotonic() < deadline, statuses
+        await asyncio.sleep(0.5)
+
+
+def _ranked_first_on(target: str, workers: list[str], skip: int = 0) -> str:
+    """A conversation topic whose key ranks ``target`` first among ``workers`` (the
+    ``skip``-th such topic)."""
     for i in range(1000):
         request = _turn(f"placed {i}", 0)
         job = make_job(request, router_id="", reply_stream="", deadline_unix_ms=0, trace={})
         key = prefix_key(job)
         if key and rank(key, workers)[0] == target:
-            return f"placed {i}"
+            if not skip:
+                return f"placed {i}"
+            skip -= 1
     raise AssertionError("no topic ranks the worker first")
 
 
