@@ -386,7 +386,7 @@ class Dispatcher:
             self.view.redis_ok, self.view.riding_out = True, False
             self.view.workers, self.view.queue_depth = workers, depth
             self._submitted_since_refresh = 0
-            self.placer.refreshed()
+            self.placer.refreshed(workers)
             live = {w.worker_id for w in workers}
             self.recovery.recover_orphans(live)
             self.tasks.spawn(self._move_overdue(live))

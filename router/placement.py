@@ -83,22 +83,22 @@ def rank(key: bytes, worker_ids: Sequence[str]) -> list[str]:
 def choose(
     key: bytes,
     workers: Sequence[WorkerStatus],
-    placed: Mapping[str, int],
+    loads: Mapping[str, int],
     bound: float,
     prefer: str = "",
 ) -> str | None:
     """The worker a job with ``key`` goes to, or None for the shared stream.
 
-    ``placed``: jobs this router placed on each worker since the workers' status was
-    read (their heartbeats do not count them yet). ``prefer``: the worker this key went
-    to last (it holds the prefix even if the bound once sent it off its first rank).
+    ``loads``: each worker's open requests as the router knows them (a worker missing
+    counts its heartbeat's ``running``). ``prefer``: the worker this key went to last
+    (it holds the prefix even if the bound once sent it off its first rank).
     """
     ready = {w.worker_id: w for w in workers if w.capacity > 0 and not w.draining}
     if not ready:
         return None
 
     def load(worker_id: str) -> int:
-        return ready[worker_id].running + placed.get(worker_id, 0)
+        return loads.get(worker_id, ready[worker_id].running)
 
     total = sum(load(w) for w in ready) + 1  # with this job
     limit = math.ceil(bound * total / len(ready))
@@ -114,15 +114,29 @@ def choose(
 
 class Placer:
     """One router's placement: where each new job goes, and which placed jobs wait too
-    long (moved to the shared stream by the dispatcher)."""
+    long (moved to the shared stream by the dispatcher).
+
+    A worker's load is this router's open requests placed on it, counted exactly as
+    they start and end, plus the rest of what the worker's last heartbeat showed
+    running (other routers' requests, unplaced ones): heartbeats alone are a second
+    old, and short requests would look like load long after they ended.
+    """
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        self.placed: dict[str, set[str]] = {}
-        """Request ids placed on each worker since the workers' status was last read and
-        still open: the load their heartbeats do not show yet."""
+        self.open: dict[str, set[str]] = {}
+        """Request ids of this router's open streams placed on each worker."""
+        self.others: dict[str, int] = {}
+        """Per worker: what its last heartbeat showed running beyond ``open``."""
         self.last: OrderedDict[bytes, str] = OrderedDict()
         """The worker each recent key went to (at most ``REMEMBERED_KEYS``)."""
+
+    def loads(self, workers: Sequence[WorkerStatus]) -> dict[str, int]:
+        """Each worker's load as this router knows it."""
+        return {
+            w.worker_id: len(self.open.get(w.worker_id, ())) + self.others.get(w.worker_id, 0)
+            for w in workers
+        }
 
     def place(self, channel: Channel, workers: Sequence[WorkerStatus]) -> str:
         """The worker whose own stream ``channel``'s job goes to; "" for the shared stream."""
@@ -130,14 +144,14 @@ class Placer:
         if key is None:
             observability.placement("shared")
             return ""
-        recent = {w: len(ids) for w, ids in self.placed.items()}
         prefer = self.last.get(key, "")
-        worker = choose(key, workers, recent, self.settings.placement_bound, prefer)
+        loads = self.loads(workers)
+        worker = choose(key, workers, loads, self.settings.placement_bound, prefer)
         observability.placement("placed" if worker else "shared")
         if not worker:
             return ""
         self._remember(key, worker)
-        self.placed.setdefault(worker, set()).add(channel.job.request_id)
+        self.open.setdefault(worker, set()).add(channel.job.request_id)
         channel.placed_on, channel.placed_at = worker, time.monotonic()
         return worker
 
@@ -147,13 +161,19 @@ class Placer:
         if len(self.last) > REMEMBERED_KEYS:
             self.last.popitem(last=False)
 
-    def refreshed(self) -> None:
-        """The workers' status was read again: their heartbeats count what was placed."""
-        self.placed.clear()
+    def refreshed(self, workers: Sequence[WorkerStatus]) -> None:
+        """The workers' heartbeats were read again: what they run beyond this router's
+        placed requests is the others' load."""
+        self.others = {
+            w.worker_id: max(0, w.running - len(self.open.get(w.worker_id, ()))) for w in workers
+        }
+        live = {w.worker_id for w in workers}
+        for gone in [w for w in self.open if w not in live and not self.open[w]]:
+            del self.open[gone]
 
     def ended(self, channel: Channel) -> None:
         """A request's stream ended: it no longer loads the worker it was placed on."""
-        self.placed.get(channel.placed_on, set()).discard(channel.job.request_id)
+        self.open.get(channel.placed_on, set()).discard(channel.job.request_id)
 
     def overdue(self, channels: Iterable[Channel], live: set[str]) -> list[tuple[Channel, bool]]:
         """Placed jobs no worker has answered within ``placement_wait_s``, or whose worker

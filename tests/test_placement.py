@@ -99,7 +99,7 @@ def test_the_placer_moves_jobs_of_a_gone_or_slow_worker() -> None:
     for channel in channels:
         channel.entry_id = b"1-0"
         assert placer.place(channel, workers)
-    assert sum(len(v) for v in placer.placed.values()) == 8
+    assert sum(len(v) for v in placer.open.values()) == 8
     started = channels[0]
     started.worker_id = gone = started.placed_on
     on_gone = [c.job.request_id for c in channels[1:] if c.placed_on == gone]
@@ -112,7 +112,10 @@ def test_the_placer_moves_jobs_of_a_gone_or_slow_worker() -> None:
     assert not placer.stalled(channels[1])
     for channel in channels:
         placer.ended(channel)
-    assert sum(len(v) for v in placer.placed.values()) == 0
+    assert sum(len(v) for v in placer.open.values()) == 0
+    busy = _workers(5, 0)
+    placer.refreshed(busy)  # a heartbeat shows 5 running on worker-0, none of them ours
+    assert placer.loads(busy) == {"worker-0": 5, "worker-1": 0}
     off = Placer(RouterSettings(placement=False))
     assert off.place(Channel(_job(_conversation("tides", 1))), workers) == ""
 
