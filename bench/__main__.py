@@ -7,7 +7,8 @@ and worker beside this checkout's (router path at 1,000 streams, time to first t
 on the real engine); ``http`` (about 10 minutes) runs gRPC, our HTTP API (in the router
 and beside it) and vLLM's OpenAI server side by side, plus ``vllm bench serve``;
 ``priority`` (about 4 minutes) each priority's first token under a flood of LOW requests;
-``placement`` (about 10 minutes) prefix-cache hits of multi-turn chats on 1-3 workers.
+``placement`` (about 10 minutes) prefix-cache hits of multi-turn chats on 1-3 workers;
+``quotas`` (about 2 minutes) one tenant's in-flight cap shared by three routers.
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
 command then re-renders ``docs/benchmarks.md`` and the plots from whatever
 results exist, so benchmarks can be re-run one at a time.
@@ -31,6 +32,7 @@ from bench import (
     placement,
     priority,
     profile,
+    quotas,
     render,
 )
 from bench.gpu import render as gpu_render
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         "http",
         "priority",
         "placement",
+        "quotas",
         "render",
         "all",
         "gpu-import",
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         save("priority", priority.run(args.quick))
     if args.command == "placement":  # ~10 min, not part of "all"
         save("placement", placement.run(args.quick))
+    if args.command == "quotas":  # ~2 min, not part of "all"
+        save("quotas", quotas.run(args.quick))
     out = render.render(DATA, DOCS)
     logger.info("wrote %s", out)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from bench import before_after, placement, plots, priority, render_http, targets
+from bench import before_after, placement, plots, priority, quotas, render_http, targets
 from bench.gpu import render as gpu_render
 from bench.tables import cpu as _cpu
 from bench.tables import table
@@ -298,6 +298,7 @@ def render(data_dir: Path, docs: Path) -> Path:
         "`python -m bench http` (gRPC vs HTTP vs vLLM's OpenAI server, about 10 minutes);",
         "`python -m bench priority` (each priority's first token under a LOW flood, ~4 min);",
         "`python -m bench placement` (prefix-cache hits of multi-turn chats, ~10 min);",
+        "`python -m bench quotas` (a tenant's in-flight cap over three routers, ~2 min);",
         "`python -m bench render` rewrites this page",
         "from `docs/benchmarks-data/`. Do not edit by hand: the analysis lives in",
         "`bench/findings.md`. Load generator and ghz commands: `loadtest/README.md`.",
@@ -335,6 +336,10 @@ def render(data_dir: Path, docs: Path) -> Path:
         "## 5. Fleet scheduling: prefix-aware placement",
         "",
         *placement.section(load(data_dir, "placement")),
+        "",
+        "## 6. Fleet scheduling: tenant limits across routers",
+        "",
+        *quotas.section(load(data_dir, "quotas")),
         "",
         "## Profiles",
         "",
