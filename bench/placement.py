@@ -302,7 +302,7 @@ def section(data: dict[str, Any]) -> list[str]:
                     f"{_busiest(held, c['workers']):.2f}x",
                 )
             )
-        header = (
+        skew_header = (
             "configuration",
             "requests per worker",
             "busiest / share",
