@@ -402,6 +402,8 @@ class Dispatcher:
         except QueueUnavailable:
             return  # the next refresh looks again
         for (channel, gone), unclaimed in zip(waiting, queued, strict=True):
+            if not channel.placed_on or channel.worker_id:
+                continue  # moved by an earlier round, or its worker answered meanwhile
             if gone or unclaimed or self.placer.stalled(channel):
                 why = (
                     "is gone"

@@ -97,9 +97,9 @@ class WorkerQueue(QueueBase):
     async def claim(
         self, count: int, block_ms: int, others: int | None = None
     ) -> list[tuple[bytes, Job | None]]:
-        """Claim up to ``count`` new jobs, HIGH before NORMAL before LOW, of which at
-        most ``others`` (default ``count``) NORMAL or LOW; None for an entry that does
-        not decode.
+        """Claim up to ``count`` new jobs from :attr:`streams` (HIGH, this worker's
+        placed jobs, NORMAL, LOW), of which at most ``others`` (default ``count``) not
+        HIGH; None for an entry that does not decode.
 
         One read per stream in that order until enough are found. Every ``LOW_SHARE``
         jobs claimed, one LOW job is taken first, so LOW makes progress under a steady
