@@ -5,7 +5,8 @@ One real stack: redis-server, one worker with the CPU engine and three routers, 
 with the same API-key file and limits file (``alpha inflight=4``). ``requests``
 streams of tenant alpha start at once, spread round-robin over the routers; the
 client records when each admitted stream started and ended, and the most that ran at
-once is computed from those intervals. Refusals must be RESOURCE_EXHAUSTED with a
+once is computed from those intervals (Started to Usage: the router takes the slot
+before Started and frees it as Usage goes out). Refusals must be RESOURCE_EXHAUSTED with a
 retry hint, after which the client sends it again.
 """
 
@@ -46,11 +47,13 @@ async def _stream(target: str, key: str, tokens: int) -> tuple[float, float, lis
             call = stub.Generate(
                 request, metadata=(("authorization", f"Bearer {key}"),), timeout=300
             )
-            first = 0.0
+            first = last = 0.0
             try:
-                async for _ in call:
+                async for event in call:
                     first = first or time.monotonic()
-                return first, time.monotonic(), refusals
+                    if event.WhichOneof("event") == "usage":
+                        last = time.monotonic()  # the router frees the slot with it
+                return first, last or time.monotonic(), refusals
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
@@ -136,9 +139,9 @@ def section(data: dict[str, Any]) -> list[str]:
         "routers",
         "in-flight cap",
         "sent at once",
-        "admitted",
+        "completed",
         "most at once",
-        "refused",
+        "refusals",
         "refused with",
     )
     return [
