@@ -31,6 +31,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.queue.codec import Job, WorkerStatus, job_priority
@@ -45,9 +46,10 @@ LEADING_TOKENS = 256
 STARTED_WITHIN_S = 15.0
 """A placed job its worker claimed but has not started after this long is moved (the
 workers' own reclaim_unstarted_s for the shared streams)."""
+LEADING_CHARS = 1024
+IMAGE_HEAD_BYTES = 4096
 REMEMBERED_KEYS = 100_000
 """Keys whose last worker a router remembers (about 10 MB)."""
-LEADING_CHARS = 1024
 
 
 def prefix_key(job: Job) -> bytes | None:
@@ -60,7 +62,7 @@ def prefix_key(job: Job) -> bytes | None:
     kind = job.WhichOneof("request")
     if kind == "chat":
         for message in job.chat.messages[:LEADING_MESSAGES]:
-            digest.update(message.SerializeToString(deterministic=True))
+            _add_message(digest, message)
     elif kind == "generate" and job.generate.HasField("token_ids"):
         ids = job.generate.token_ids.ids[:LEADING_TOKENS]
         digest.update(b"ids:" + b",".join(str(i).encode() for i in ids))
@@ -69,6 +71,21 @@ def prefix_key(job: Job) -> bytes | None:
     else:
         return None
     return digest.digest()
+
+
+def _add_message(digest: Any, message: pb.Message) -> None:
+    """A message's role and parts into ``digest``; an image by its size and first bytes
+    (hashing megabytes on the router's loop would stall it; an image's head and size
+    tell conversations apart)."""
+    digest.update(b"role:%d" % message.role)
+    for part in message.content:
+        if part.HasField("image"):
+            image = part.image
+            head = image.data[:IMAGE_HEAD_BYTES] or image.url[:IMAGE_HEAD_BYTES].encode()
+            size = len(image.data) or len(image.url)
+            digest.update(b"image:%d:" % size + head)
+        else:
+            digest.update(b"text:" + part.text.encode())
 
 
 def rank(key: bytes, worker_ids: Sequence[str]) -> list[str]:

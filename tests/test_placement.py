@@ -43,6 +43,18 @@ def test_a_conversation_keeps_its_key_while_its_history_grows() -> None:
     assert prefix_key(_job(_conversation("volcanoes", 3))) not in keys
 
 
+def test_an_image_in_the_opening_keys_by_its_head_and_size() -> None:
+    def opening(data: bytes) -> Job:
+        request = _conversation("tides", 1)
+        request.messages[1].content.add().image.data = data
+        return _job(request)
+
+    big = b"\x89PNG" + bytes(8 * 1024 * 1024)
+    assert prefix_key(opening(big)) == prefix_key(opening(big))
+    assert prefix_key(opening(big)) != prefix_key(opening(big + b"\x00"))
+    assert prefix_key(opening(big)) != prefix_key(_job(_conversation("tides", 1)))
+
+
 def test_only_normal_first_attempts_are_placed() -> None:
     for priority in (pb.PRIORITY_HIGH, pb.PRIORITY_LOW):
         request = _conversation("tides", 2)
