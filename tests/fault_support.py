@@ -14,9 +14,11 @@ import os
 import re
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -24,7 +26,7 @@ from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, connect
-from qwen_serve.queue.codec import Job, Reply, encode
+from qwen_serve.queue.codec import Job, Reply, decode_lease, encode
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from qwen_serve.settings import QueueSettings
 from router.jobs import make_job
@@ -157,21 +159,29 @@ def worker_id(proc: devstack.Proc) -> str:
     return found.group(1)
 
 
-async def busiest_worker(stack: FaultStack, timeout: float = 60) -> devstack.Proc:
-    """The worker process running the most requests, once the heartbeats show any."""
-    ids = {worker_id(proc): proc for proc in stack.workers}
-    deadline = time.monotonic() + timeout
+async def lease_holders(stack: FaultStack, request_ids: list[str], attempt: int = 0) -> list[str]:
+    """The worker holding each request's lease for an attempt ("" if none, or fenced)."""
     queue = stack.queue()
     try:
-        while True:
-            running = {w.worker_id: w.running for w in await queue.live_workers()}
-            busiest = max(ids, key=lambda wid: running.get(wid, 0))
-            if running.get(busiest, 0) > 0:
-                return ids[busiest]
-            assert time.monotonic() < deadline, running
-            await asyncio.sleep(0.2)
+        raws: list[Any] = await queue.redis.mget(
+            [Keys(PREFIX).lease(r, attempt) for r in request_ids]
+        )
     finally:
         await queue.close()
+    return [decode_lease(raw).worker_id if raw else "" for raw in raws]
+
+
+async def busiest_worker(stack: FaultStack, streams: list[Stream]) -> devstack.Proc:
+    """The worker process running the most of these (started) streams, by their leases.
+
+    Heartbeats would do too, but a second late: right after a warm-up they still count
+    requests that have ended.
+    """
+    running = [s for s in streams if s.request_id and not s.ended_at]
+    holders = Counter(h for h in await lease_holders(stack, [s.request_id for s in running]) if h)
+    assert holders, f"no running stream holds a lease: {streams}"
+    busiest = holders.most_common(1)[0][0]
+    return next(w for w in stack.workers if worker_id(w) == busiest)
 
 
 def freeze(proc: devstack.Proc) -> None:

@@ -29,10 +29,10 @@ from tests.fault_support import (
     busiest_worker,
     long_chat,
     outcome,
-    raw_generate,
     replies_until_terminal,
     run_stream,
     start_router,
+    start_streams,
     start_worker,
     submit_as_router,
     submit_claimed_by_ghost,
@@ -167,12 +167,8 @@ async def test_worker_sigkill_mid_stream_is_continued(
     """Raw generations (no parser), so the text must be exactly the tokens' decoding."""
     await await_workers(faults, 2)
     tokens = 160
-    progress = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run_stream(fstub, raw_generate(i, tokens), progress)) for i in range(6)
-    ]
-    await asyncio.wait_for(progress.wait(), 120)
-    victim = await busiest_worker(faults)
+    tasks, outs = await start_streams(fstub, 6, tokens)
+    victim = await busiest_worker(faults, outs)
     faults.workers.remove(victim)
     victim.kill()
     start = time.monotonic()
@@ -193,12 +189,8 @@ async def test_worker_drain_hands_unfinished_streams_over(
     then is handed over and continued on the other worker, token-exact."""
     await await_workers(faults, 2)
     tokens = 1500  # still streaming when the 3 s grace ends
-    progress = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run_stream(fstub, raw_generate(i, tokens), progress)) for i in range(4)
-    ]
-    await asyncio.wait_for(progress.wait(), 300)  # the replacement worker may still be starting
-    draining = await busiest_worker(faults, timeout=120)
+    tasks, outs = await start_streams(fstub, 4, tokens)
+    draining = await busiest_worker(faults, outs)
     faults.workers.remove(draining)
     draining.popen.terminate()
     try:

@@ -15,14 +15,13 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.queue.broker import WorkerQueue
-from qwen_serve.queue.codec import WorkerStatus, decode_lease
+from qwen_serve.queue.codec import WorkerStatus
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from tests.fault_support import (
     PREFIX,
@@ -32,6 +31,7 @@ from tests.fault_support import (
     assert_exact,
     await_workers,
     freeze,
+    lease_holders,
     live_worker_ids,
     outcome,
     replies_until_terminal,
@@ -62,18 +62,6 @@ async def _wait_for(condition: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _holders(stack: FaultStack, request_ids: list[str], attempt: int = 0) -> list[str]:
-    """The worker holding each request's lease for an attempt ("" if none)."""
-    queue = stack.queue()
-    try:
-        raws: list[Any] = await queue.redis.mget(
-            [Keys(PREFIX).lease(r, attempt) for r in request_ids]
-        )
-    finally:
-        await queue.close()
-    return [decode_lease(raw).worker_id if raw else "" for raw in raws]
-
-
 async def _busiest_holder(stack: FaultStack, outs: list[Stream]) -> tuple[str, list[Stream]]:
     """The worker running the most of these streams (the leases say who runs what).
 
@@ -81,7 +69,7 @@ async def _busiest_holder(stack: FaultStack, outs: list[Stream]) -> tuple[str, l
     first tokens only after the other has finished some streams.
     """
     running = [s for s in outs if not s.ended_at]
-    holders = await _holders(stack, [s.request_id for s in running])
+    holders = await lease_holders(stack, [s.request_id for s in running])
     assert all(holders), f"streams moved off their worker before the freeze: {holders}"
     busiest = max(set(holders), key=holders.count)
     on_it = [s for s, h in zip(running, holders, strict=True) if h == busiest]
