@@ -143,13 +143,17 @@ async def _logged(proc: object, text: str) -> bool:
 
 
 async def _pending_on(stack: FaultStack, consumers: set[str]) -> int:
+    """Entries pending on these consumers, over the shared job streams and their own."""
+    keys = Keys(PREFIX)
+    streams = [*keys.job_streams, *(keys.worker_jobs(c) for c in consumers)]
     queue = stack.queue()
     try:
-        summary = await queue.redis.xpending(Keys(PREFIX).jobs, WORKER_GROUP)
+        summaries = [await queue.redis.xpending(s, WORKER_GROUP) for s in streams]
     finally:
         await queue.close()
     return sum(
         int(c["pending"])
+        for summary in summaries
         for c in summary.get("consumers") or []
         if (c["name"].decode() if isinstance(c["name"], bytes) else c["name"]) in consumers
     )

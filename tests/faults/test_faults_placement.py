@@ -75,7 +75,9 @@ async def test_a_conversation_stays_on_its_worker(faults: FaultStack, fstub: Stu
 
 
 async def _idle(stack: FaultStack, timeout: float = 60) -> None:
-    """Wait until the workers' heartbeats show nothing running (the warm-up ended)."""
+    """Wait until the live workers are the stack's own (an earlier test's ghost consumer
+    has expired) and their heartbeats show nothing running (the warm-up ended)."""
+    ours = {worker_id(w) for w in stack.workers}
     deadline = time.monotonic() + timeout
     while True:
         queue = stack.queue()
@@ -83,7 +85,8 @@ async def _idle(stack: FaultStack, timeout: float = 60) -> None:
             statuses = await queue.live_workers()
         finally:
             await queue.close()
-        if statuses and not any(s.running for s in statuses):
+        live = {s.worker_id for s in statuses}
+        if live == ours and not any(s.running for s in statuses):
             return
         assert time.monotonic() < deadline, statuses
         await asyncio.sleep(0.5)
@@ -110,6 +113,7 @@ async def test_a_job_placed_on_a_frozen_worker_runs_elsewhere(
     after placement_wait_s the router moves it to the shared stream and the other worker
     runs it, once."""
     await await_workers(faults, 2)
+    await _idle(faults)
     ids = sorted(await live_worker_ids(faults))
     victim = next(w for w in faults.workers if worker_id(w) == ids[0])
     topic = _ranked_first_on(ids[0], ids)
