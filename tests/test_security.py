@@ -197,8 +197,9 @@ async def test_tenant_reaches_job_and_cap_is_per_tenant(
         held = stub.Chat(long, metadata=bearer("alpha"), timeout=300)
         started = await anext(aiter(held))
         redis = connect(QueueSettings(redis_url=stack.redis_url))
-        try:
-            entries = await redis.xrange(f"{stack.key_prefix}:jobs")
+        try:  # the shared NORMAL stream or, placed, the worker's own
+            streams = await redis.keys(f"{stack.key_prefix}:jobs*")
+            entries = [e for s in streams for e in await redis.xrange(s)]
         finally:
             await redis.aclose()
         tenants = {
