@@ -9,7 +9,8 @@ worker first for as long as it lives, and a worker joining or leaving moves only
 keys it wins or held.
 
 The first-ranked worker is taken only while its load stays within ``bound`` times the
-fleet's average (bounded-load consistent hashing), and never beyond its capacity;
+fleet's average (bounded-load consistent hashing; below ``LOAD_FLOOR`` jobs always),
+and never beyond its capacity;
 otherwise the next one; if every worker is at its bound, the shared stream. A router
 remembers where each recent key went and tries that worker first: a conversation the
 bound once sent off its first rank keeps its cache where it began. A placed
@@ -48,6 +49,9 @@ STARTED_WITHIN_S = 15.0
 workers' own reclaim_unstarted_s for the shared streams)."""
 LEADING_CHARS = 1024
 IMAGE_HEAD_BYTES = 4096
+LOAD_FLOOR = 3
+"""A worker below this load is never over the bound: at a low load, a heartbeat's
+running count a second old would otherwise send conversations away for nothing."""
 REMEMBERED_KEYS = 100_000
 """Keys whose last worker a router remembers (about 10 MB)."""
 
@@ -118,7 +122,7 @@ def choose(
         return loads.get(worker_id, ready[worker_id].running)
 
     total = sum(load(w) for w in ready) + 1  # with this job
-    limit = math.ceil(bound * total / len(ready))
+    limit = max(math.ceil(bound * total / len(ready)), LOAD_FLOOR)
     ranked = rank(key, list(ready))
     if prefer in ready:
         ranked.remove(prefer)

@@ -82,9 +82,11 @@ def test_the_load_bound_and_capacity_send_jobs_elsewhere() -> None:
     key = prefix_key(_job(_conversation("tides", 1)))
     assert key
     best, second = rank(key, ["worker-0", "worker-1"])
-    loads = {best: 3, second: 0}
+    loads = {best: 5, second: 0}
     workers = [WorkerStatus(worker_id=w, capacity=16, running=n) for w, n in loads.items()]
-    assert choose(key, workers, {}, bound=1.25) == second  # 3 >= ceil(1.25 * 4 / 2)
+    assert choose(key, workers, {}, bound=1.25) == second  # 5 >= ceil(1.25 * 6 / 2)
+    low = [WorkerStatus(worker_id=w, capacity=16, running=n) for w, n in {best: 2}.items()]
+    assert choose(key, [*low, workers[1]], {}, bound=1.25) == best  # under the floor
     assert choose(key, workers, {}, bound=4.0) == best
     full = _workers(8, 8)
     assert choose(key, full, {}, bound=4.0) is None

@@ -87,6 +87,7 @@ async def _idle(stack: FaultStack, timeout: float = 60) -> None:
             await queue.close()
         live = {s.worker_id for s in statuses}
         if live == ours and not any(s.running for s in statuses):
+            await asyncio.sleep(2.5)  # the router's view (read once a second) catches up
             return
         assert time.monotonic() < deadline, statuses
         await asyncio.sleep(0.5)

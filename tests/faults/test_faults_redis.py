@@ -124,7 +124,7 @@ async def test_redis_pause_beyond_the_bound_fails_streams_clearly(
     """A pause longer than redis_outage_s ends the streams with a retryable UNAVAILABLE;
     afterwards requests are served and nothing is left in the engines."""
     await await_workers(faults, 2)
-    tasks, _ = await start_streams(fstub, 4, 2000)
+    tasks, _ = await start_streams(fstub, 4, 3800)  # none may end before the pause
     paused = time.monotonic()
     await _pause(faults, OUTAGE_BOUND_S + 5)
     streams = list(await asyncio.wait_for(asyncio.gather(*tasks), 120))
