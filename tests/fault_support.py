@@ -67,7 +67,9 @@ class FaultStack:
 
     def queue(self, router_id: str = "probe") -> RouterQueue:
         """A RouterQueue on the stack's Redis (the caller closes it)."""
-        return RouterQueue(connect(self.settings(), 1000), Keys(PREFIX), router_id, 5.0)
+        # A patient reader (12 s): a loaded host may stall Redis for seconds, and a probe
+        # timing out would fail a test that the system itself rides out.
+        return RouterQueue(connect(self.settings(), 10_000), Keys(PREFIX), router_id, 5.0)
 
     def restart_redis(self) -> None:
         """SIGKILL redis-server and start it again on its port and append-only file."""

@@ -84,8 +84,8 @@ async def status_of(
 
 async def running_in_engines(redis_url: str, prefix: str) -> int:
     """Requests the live workers report running in their engines."""
-    queue = worker_queue(
-        QueueSettings(redis_url=redis_url, key_prefix=prefix), "test-observer", block_ms=0
+    queue = worker_queue(  # a patient reader: a loaded host may stall Redis for seconds
+        QueueSettings(redis_url=redis_url, key_prefix=prefix), "test-observer", block_ms=10_000
     )
     try:
         return sum(w.running for w in await queue.live_workers())
