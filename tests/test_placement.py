@@ -107,7 +107,7 @@ def test_a_skewed_workload_is_spread_within_the_bound() -> None:
 
 
 def test_the_placer_moves_jobs_of_a_gone_or_slow_worker() -> None:
-    placer = Placer(RouterSettings(placement_wait_s=5.0))
+    placer = Placer(RouterSettings(placement=True, placement_wait_s=5.0))
     workers = _workers(0, 0)
     channels = [Channel(_job(_conversation(f"topic {i}", 1))) for i in range(8)]
     for channel in channels:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
+from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.codec import decode_lease
 from qwen_serve.queue.keys import Keys
 from router.jobs import make_job
@@ -27,6 +31,24 @@ from tests.fault_support import (
 from tests.helpers import user
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def pstub(faults: FaultStack) -> AsyncIterator[Stub]:
+    """A stub on a router of the fault stack with placement on (it is off by default)."""
+    port = devstack.free_port()
+    flags = ("--key-prefix", PREFIX, "--placement")
+    proc = devstack.start_router(
+        faults.redis_url, port, faults.log_dir, *flags, name="router-placing"
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        devstack.wait_serving(target, [proc], timeout=60)
+        await asyncio.sleep(2.5)  # its view has seen every worker's heartbeat
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield serve_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+    finally:
+        proc.stop()
 
 
 def _turn(topic: str, turn: int) -> pb.ChatRequest:
@@ -62,7 +84,7 @@ async def _conversation(stack: FaultStack, stub: Stub, topic: str, turns: int) -
     return holders
 
 
-async def test_a_conversation_stays_on_its_worker(faults: FaultStack, fstub: Stub) -> None:
+async def test_a_conversation_stays_on_its_worker(faults: FaultStack, pstub: Stub) -> None:
     """Conversations of four turns, one at a time on an idle fleet: every turn runs on
     the worker its conversation ranks first, and each worker is some conversation's."""
     await await_workers(faults, 2)
@@ -70,7 +92,7 @@ async def test_a_conversation_stays_on_its_worker(faults: FaultStack, fstub: Stu
     ids = sorted(await live_worker_ids(faults))
     topics = [_ranked_first_on(ids[i % 2], ids, skip=i // 2) for i in range(6)]
     for i, topic in enumerate(topics):
-        ran_on = await _conversation(faults, fstub, topic, 4)
+        ran_on = await _conversation(faults, pstub, topic, 4)
         assert ran_on == [ids[i % 2]] * 4, (topic, ran_on)
 
 
@@ -108,7 +130,7 @@ def _ranked_first_on(target: str, workers: list[str], skip: int = 0) -> str:
 
 
 async def test_a_job_placed_on_a_frozen_worker_runs_elsewhere(
-    faults: FaultStack, fstub: Stub
+    faults: FaultStack, pstub: Stub
 ) -> None:
     """SIGSTOP a worker while its heartbeat is still fresh and send a chat placed on it:
     after placement_wait_s the router moves it to the shared stream and the other worker
@@ -121,7 +143,7 @@ async def test_a_job_placed_on_a_frozen_worker_runs_elsewhere(
     freeze(victim)
     try:
         began = time.monotonic()
-        stream = await run_stream(fstub, _turn(topic, 0), timeout=120)
+        stream = await run_stream(pstub, _turn(topic, 0), timeout=120)
         waited = time.monotonic() - began
     finally:
         thaw(victim)
