@@ -85,7 +85,7 @@ async def test_frozen_worker_is_fenced_and_an_abort_in_the_failover_ends_at_once
     other worker; Abort of one of them in that window ends it with Finished (abort);
     after SIGCONT the router drops the old worker's writes and it aborts its requests."""
     await await_workers(faults, 2)
-    tokens = 1500  # still running when the heartbeat TTL has passed
+    tokens = 3000  # still running when the TTL has passed, despite a slow first token
     tasks, outs = await start_streams(fstub, 6, tokens)
     victim_id, on_victim = await _busiest_holder(faults, outs)
     victim = next(w for w in faults.workers if worker_id(w) == victim_id)
