@@ -101,14 +101,20 @@ class RouterQueue(QueueBase):
     async def _last_delivered_id(self, stream: str) -> bytes:
         """The newest entry of ``stream`` delivered to any worker ("0-0" if none)."""
         with redis_errors_as_unavailable():
-            try:
-                groups: Any = await self.redis.xinfo_groups(stream)
-            except redis_errors.ResponseError:
-                return b"0-0"
+            group = await self._worker_group(stream)
+        return bytes(group["last-delivered-id"]) if group else b"0-0"
+
+    async def _worker_group(self, stream: str) -> dict[str, Any] | None:
+        """``XINFO GROUPS`` of the worker group on ``stream``; None if it has none (or no
+        stream)."""
+        try:
+            groups: Any = await self.redis.xinfo_groups(stream)
+        except redis_errors.ResponseError:  # no such stream
+            return None
         for group in groups:
             if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
-                return bytes(group["last-delivered-id"])
-        return b"0-0"
+                return dict(group)
+        return None
 
     async def fence(self, attempts: Sequence[tuple[str, int]]) -> None:
         """Mark these (request id, attempt) pairs as replaced: their workers stop."""
@@ -190,14 +196,13 @@ class RouterQueue(QueueBase):
             return sum([await self._depth(stream) for stream in streams])
 
     async def _depth(self, stream: str) -> int:
+        group = await self._worker_group(stream)
+        if group is not None:
+            return int(group.get("lag") or 0)
         try:
-            groups = await self.redis.xinfo_groups(stream)
-        except redis_errors.ResponseError:  # stream does not exist yet
+            return int(await self.redis.xlen(stream))
+        except redis_errors.ResponseError:
             return 0
-        for group in groups:
-            if group["name"] in (WORKER_GROUP, WORKER_GROUP.encode()):
-                return int(group.get("lag") or 0)
-        return int(await self.redis.xlen(stream))
 
     async def heartbeat(self) -> None:
         """Record that this router is alive and keep its reply stream from expiring."""
