@@ -6,12 +6,16 @@ ends at the next success; a quick call that took over a second counts as
 one that just ended. During an outage nobody can heartbeat, so right
 after it every heartbeat looks stale: for one heartbeat TTL after Redis is
 back, liveness checks widen their window by the outage's length instead of
-declaring everyone dead.
+declaring everyone dead. A process that was itself stalled (CPU starvation,
+a long GC, a paused VM: its periodic checks wake late) widens its window the
+same way, since whatever stalled it may have stalled the others' heartbeats.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 SLOW_CALL_S = 1.0
 
@@ -45,12 +49,19 @@ class Outage:
         now = time.monotonic()
         self._last_ok, self.reached = now, True
         if self._since is None:
-            if took > SLOW_CALL_S:
-                self._last_length, self._ended_at = max(took, self.grace_ms() / 1000), now
+            self.stalled(took)
             return False
         self._last_length = now - self._since
         self._ended_at, self._since = now, None
         return True
+
+    def stalled(self, seconds: float) -> None:
+        """Redis or this process could not run for ``seconds``: beyond SLOW_CALL_S, count
+        it as an outage that just ended (heartbeats may be that much older, through no
+        fault of their writers)."""
+        if seconds > SLOW_CALL_S:
+            self._last_length = max(seconds, self.grace_ms() / 1000)
+            self._ended_at = time.monotonic()
 
     @property
     def ongoing(self) -> bool:
@@ -73,3 +84,16 @@ class Outage:
         if time.monotonic() - self._ended_at < self.ttl_s:
             return int(self._last_length * 1000)
         return 0
+
+
+async def every(interval_s: float, outage: Outage, tick: Callable[[], Awaitable[None]]) -> None:
+    """Run ``tick`` every ``interval_s`` seconds, forever. A round that took longer than
+    that by more than SLOW_CALL_S (a late wake-up, or a tick that could not run) widens
+    the liveness window first (``Outage.stalled``)."""
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        outage.stalled(now - last - interval_s)
+        last = now
+        await tick()

@@ -2,9 +2,9 @@
 
 One submit task writes queued jobs in pipelined batches; one reader task
 reads this router's reply stream and routes each reply to the request's
-channel (router/channels.py fences it); one monitor task keeps the router's
-heartbeat and a view of Redis, the workers and the queue depth (used by
-admission and health). A Redis outage up to ``redis_outage_s`` is ridden
+channel (router/channels.py fences it); one task keeps the router's
+heartbeat, and one monitor task a view of Redis, the workers and the queue
+depth (used by admission and health). A Redis outage up to ``redis_outage_s`` is ridden
 out: submissions and reads retry, streams wait; a longer one ends open
 streams with a retryable UNAVAILABLE. Lost attempts are continued elsewhere
 (router/recovery.py).
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from qwen_serve.aio import Tasks
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, RequestError
-from qwen_serve.outage import Outage
+from qwen_serve.outage import Outage, every
 from qwen_serve.queue.broker import QueueUnavailable, RouterQueue
 from qwen_serve.queue.codec import Job, Reply, WorkerStatus
 from qwen_serve.settings import RouterSettings
@@ -116,6 +116,7 @@ class Dispatcher:
         await self._refresh()
         self.tasks.loop("submit", self._submit_loop)
         self.tasks.loop("reply reader", self._read_loop)
+        self.tasks.loop("heartbeat", self._heartbeat_loop)
         self.tasks.loop("monitor", self._monitor_loop)
         self.tasks.loop("abort", self._abort_loop)
 
@@ -363,15 +364,21 @@ class Dispatcher:
         if self.outage.succeeded(took):
             logger.info("Redis answers again")
 
-    async def _monitor_loop(self) -> None:
+    async def _heartbeat_loop(self) -> None:
+        """This router's heartbeat, apart from the monitor's slower round trips: workers
+        abort the jobs of a router whose heartbeat is older than the TTL."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self._refresh()
+            with contextlib.suppress(QueueUnavailable):  # the monitor's probe tracks outages
+                await self.queue.heartbeat()
+
+    async def _monitor_loop(self) -> None:
+        await every(self.settings.heartbeat_interval_s, self.outage, self._refresh)
 
     async def _refresh(self) -> None:
         began = time.monotonic()
         try:
-            await self.queue.heartbeat()
+            await self.queue.heartbeat()  # also the probe: a slow answer widens liveness
             self._redis_answered(took=time.monotonic() - began)
             workers = await self.queue.live_workers(self.outage.grace_ms())
             depth = await self.queue.queue_depth([w.worker_id for w in workers])

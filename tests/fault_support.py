@@ -34,6 +34,12 @@ from tests.helpers import chat
 from tests.reliability import Outcome
 
 PREFIX = "qs-faults"
+HEARTBEAT_TTL_S = 10.0
+"""Twice the default: this 2-core machine runs two CPU engines, often a third starting,
+a router and the tests, and stalls processes for seconds at a time (measured up to
+1.7 s for a sleeping process); a 5 s TTL there declared live workers and routers gone."""
+STACK_FLAGS = ("--key-prefix", PREFIX, "--heartbeat-ttl-s", f"{HEARTBEAT_TTL_S:g}")
+"""Flags of every router and worker of the fault stack."""
 Stub = serve_pb2_grpc.InferenceStub
 
 
@@ -63,13 +69,17 @@ class FaultStack:
         return [self.router, *self.workers, *self.extra, self.redis]
 
     def settings(self) -> QueueSettings:
-        return QueueSettings(redis_url=self.redis_url, key_prefix=PREFIX)
+        return QueueSettings(
+            redis_url=self.redis_url, key_prefix=PREFIX, heartbeat_ttl_s=HEARTBEAT_TTL_S
+        )
 
     def queue(self, router_id: str = "probe") -> RouterQueue:
         """A RouterQueue on the stack's Redis (the caller closes it)."""
         # A patient reader (12 s): a loaded host may stall Redis for seconds, and a probe
         # timing out would fail a test that the system itself rides out.
-        return RouterQueue(connect(self.settings(), 10_000), Keys(PREFIX), router_id, 5.0)
+        return RouterQueue(
+            connect(self.settings(), 10_000), Keys(PREFIX), router_id, HEARTBEAT_TTL_S
+        )
 
     def restart_redis(self) -> None:
         """SIGKILL redis-server and start it again on its port and append-only file."""
@@ -81,12 +91,12 @@ DRAIN_GRACE_S = 3
 
 
 def start_worker(log_dir: Path, redis_url: str, name: str) -> devstack.Proc:
-    flags = ("--key-prefix", PREFIX, "--drain-grace-s", str(DRAIN_GRACE_S))
+    flags = (*STACK_FLAGS, "--drain-grace-s", str(DRAIN_GRACE_S))
     return devstack.start_worker(redis_url, log_dir, *flags, name=name)
 
 
 def start_router(log_dir: Path, redis_url: str, port: int, name: str) -> devstack.Proc:
-    flags = ("--key-prefix", PREFIX, "--max-inflight-per-tenant", "1024")
+    flags = (*STACK_FLAGS, "--max-inflight-per-tenant", "1024")
     return devstack.start_router(redis_url, port, log_dir, *flags, name=name)
 
 
@@ -123,20 +133,36 @@ async def await_workers(stack: FaultStack, count: int, timeout: float = 300) -> 
 
     A worker's first requests pay one-time costs (the CPU engine's first steps at new
     batch sizes): on a 2-core machine shared by two engines that can starve its event
-    loop past the heartbeat TTL while the other worker streams at full speed, so a
-    test would find streams moved or finished before its fault. A short burst through
-    the router (every live worker claims some of it) runs those costs first.
+    loop past the heartbeat TTL, or hold back its first token while the other worker
+    finishes whole streams, so a test would find its streams moved or finished before
+    its fault. Bursts through the router run those costs first (``_warm``).
     """
     live = await _live_at_least(stack, count, timeout)
     if live - stack.warmed:
-        async with grpc.aio.insecure_channel(stack.target) as channel:
-            stub = serve_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
-            burst = [run_stream(stub, _warm_up(i)) for i in range(4 * len(live))]
-            ends = await asyncio.gather(*burst)
-        assert all(s.complete for s in ends), [s for s in ends if not s.complete]
-        stack.warmed |= live
+        await _warm(stack, live)
         live = await _live_at_least(stack, count, timeout)
     stack.warmed |= live
+
+
+WORKER_CAPACITY = 8
+"""Jobs one fault-stack worker runs at once (the cpu-tiny profile's max_num_seqs)."""
+
+
+async def _warm(stack: FaultStack, live: set[str], rounds: int = 3) -> None:
+    """Bursts of short generations, a full load for every live worker, until each new one
+    ran some (the leases say who ran what): one worker claims at most its capacity."""
+    cold = live - stack.warmed
+    async with grpc.aio.insecure_channel(stack.target) as channel:
+        stub = serve_pb2_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+        for _ in range(rounds):
+            burst = [run_stream(stub, _warm_up(i)) for i in range(WORKER_CAPACITY * len(live))]
+            ends = await asyncio.gather(*burst)
+            assert all(s.complete for s in ends), [s for s in ends if not s.complete]
+            cold -= set(await lease_holders(stack, [s.request_id for s in ends]))
+            if not cold:
+                stack.warmed |= live
+                return
+    raise AssertionError(f"workers {sorted(cold)} took no warm-up request")
 
 
 def _warm_up(i: int) -> pb.GenerateRequest:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
 import pytest
 
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.outage import Outage
+from qwen_serve.outage import Outage, every
 from qwen_serve.queue.codec import Job, Lease, Reply, decode_lease
 from qwen_serve.queue.connection import parse_sentinel_url
 from qwen_serve.queue.keys import Keys
@@ -103,6 +107,32 @@ def test_outage_grace_widens_heartbeats_for_a_ttl_after_it() -> None:
     outage.bound_s = 0.0
     outage.failed()
     assert outage.beyond_bound() or outage.lasted() == 0.0
+
+
+def test_a_stall_of_this_process_widens_heartbeats_like_a_slow_call() -> None:
+    outage = Outage(bound_s=10.0, ttl_s=60.0)
+    outage.stalled(0.5)  # ordinary scheduling jitter: nothing
+    assert outage.grace_ms() == 0
+    outage.stalled(3.0)
+    assert outage.grace_ms() == 3000 and not outage.ongoing
+    outage.stalled(2.0)  # a shorter stall within the TTL keeps the wider window
+    assert outage.grace_ms() == 3000
+    assert not outage.succeeded(took=0.1) and outage.grace_ms() == 3000
+
+
+async def test_every_counts_a_round_that_could_not_run_as_a_stall() -> None:
+    outage, ticks = Outage(bound_s=10.0, ttl_s=60.0), []
+
+    async def tick() -> None:
+        ticks.append(outage.grace_ms())
+        if len(ticks) == 1:
+            time.sleep(1.6)  # noqa: ASYNC251 (a stall: the next round comes 1.6 s late)
+        else:
+            raise asyncio.CancelledError
+
+    with contextlib.suppress(asyncio.CancelledError):
+        await every(0.01, outage, tick)
+    assert ticks[1] >= 1500, ticks
 
 
 def test_lease_values_and_keys() -> None:

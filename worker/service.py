@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from qwen_serve.aio import Tasks
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import DEADLINE_EXCEEDED, INTERNAL, EngineDeadError, RequestError, readable
-from qwen_serve.outage import Outage
+from qwen_serve.outage import Outage, every
 from qwen_serve.queue.broker import LeaseCheck, QueueUnavailable, WorkerQueue, now_ms
 from qwen_serve.queue.codec import Job, WorkerStatus
 from qwen_serve.settings import WorkerSettings
@@ -340,9 +340,7 @@ class Worker:
     async def _guard_loop(self) -> None:
         """The guard's checks, once a heartbeat interval (apart from the heartbeat itself,
         which their round trips must not delay)."""
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self.guard.tick()
+        await every(self.settings.heartbeat_interval_s, self.outage, self.guard.tick)
 
     async def _heartbeat(self) -> None:
         engine_ok = await self._engine_healthy()

@@ -22,6 +22,7 @@ from qwen_serve.queue.codec import Job
 from qwen_serve.queue.keys import Keys
 from tests.fault_support import (
     PREFIX,
+    STACK_FLAGS,
     FaultStack,
     Stub,
     assert_exact,
@@ -118,8 +119,7 @@ async def test_ten_times_overload(faults: FaultStack) -> None:
         faults.redis_url,
         port,
         faults.log_dir,
-        "--key-prefix",
-        PREFIX,
+        *STACK_FLAGS,
         "--max-inflight",
         "8",
         name="router-overload",

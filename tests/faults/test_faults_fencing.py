@@ -24,6 +24,7 @@ from qwen_serve.queue.broker import WorkerQueue
 from qwen_serve.queue.codec import WorkerStatus
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from tests.fault_support import (
+    HEARTBEAT_TTL_S,
     PREFIX,
     FaultStack,
     Stream,
@@ -199,7 +200,7 @@ async def test_job_claimed_by_a_live_worker_that_never_starts_it_is_taken_back(
     """A consumer with a fresh heartbeat claims a job and never starts it: another worker
     takes it over once it has been untouched for reclaim_unstarted_s."""
     queue, job = await submit_as_router(faults, "test-router-stalled")
-    ghost = WorkerQueue(queue.redis, Keys(PREFIX), "ghost-live", 5.0)
+    ghost = WorkerQueue(queue.redis, Keys(PREFIX), "ghost-live", HEARTBEAT_TTL_S)
     status = WorkerStatus(worker_id="ghost-live", capacity=1)
 
     async def heartbeat() -> None:

@@ -19,6 +19,7 @@ from router.jobs import make_job
 from router.placement import prefix_key, rank
 from tests.fault_support import (
     PREFIX,
+    STACK_FLAGS,
     FaultStack,
     Stub,
     await_workers,
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.e2e
 async def pstub(faults: FaultStack) -> AsyncIterator[Stub]:
     """A stub on a router of the fault stack with placement on (it is off by default)."""
     port = devstack.free_port()
-    flags = ("--key-prefix", PREFIX, "--placement")
+    flags = (*STACK_FLAGS, "--placement")
     proc = devstack.start_router(
         faults.redis_url, port, faults.log_dir, *flags, name="router-placing"
     )
