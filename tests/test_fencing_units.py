@@ -10,8 +10,9 @@ import pytest
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.outage import Outage, every
+from qwen_serve.queue.broker import QueueUnavailable
 from qwen_serve.queue.codec import Job, Lease, Reply, decode_lease
-from qwen_serve.queue.connection import parse_sentinel_url
+from qwen_serve.queue.connection import parse_sentinel_url, redis_errors_as_unavailable
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import WorkerSettings
 from router import jobs
@@ -166,3 +167,11 @@ def test_sentinel_urls() -> None:
 def test_reclaim_bound_must_cover_two_heartbeats() -> None:
     with pytest.raises(ValueError, match="reclaim_unstarted_s"):
         WorkerSettings(reclaim_unstarted_s=1.0, heartbeat_interval_s=1.0)
+
+
+def test_uvloops_closed_transport_error_is_an_outage() -> None:
+    closed = "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+    with pytest.raises(QueueUnavailable), redis_errors_as_unavailable():
+        raise RuntimeError(closed)
+    with pytest.raises(RuntimeError, match="a bug"), redis_errors_as_unavailable():
+        raise RuntimeError("a bug")

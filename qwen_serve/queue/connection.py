@@ -39,7 +39,9 @@ def redis_errors_as_unavailable() -> Iterator[None]:
     """Turn Redis connection failures into :class:`QueueUnavailable`.
 
     A READONLY reply means the server we reached is a replica (a failover is under
-    way, or a stale address): that is an outage too.
+    way, or a stale address): that is an outage too. So is uvloop's RuntimeError on
+    writing to a socket the server has just closed (redis-py's HELLO on a connection
+    to a restarting Redis), which the default event loop reports as an OSError.
     """
     try:
         yield
@@ -50,6 +52,14 @@ def redis_errors_as_unavailable() -> Iterator[None]:
         OSError,
     ) as exc:
         raise QueueUnavailable(f"redis unavailable: {exc}") from exc
+    except RuntimeError as exc:
+        if CLOSED_TRANSPORT not in str(exc):
+            raise
+        raise QueueUnavailable(f"redis unavailable: {exc}") from exc
+
+
+CLOSED_TRANSPORT = "the handler is closed"
+"""How uvloop ends its RuntimeError on an operation on a closed transport."""
 
 
 def now_ms() -> int:
