@@ -137,11 +137,25 @@ async def await_workers(stack: FaultStack, count: int, timeout: float = 300) -> 
     finishes whole streams, so a test would find its streams moved or finished before
     its fault. Bursts through the router run those costs first (``_warm``).
     """
+    died = _replace_dead_workers(stack)
     live = await _live_at_least(stack, count, timeout)
     if live - stack.warmed:
         await _warm(stack, live)
         live = await _live_at_least(stack, count, timeout)
     stack.warmed |= live
+    assert not died, "a worker of the fault stack died (replaced):\n" + "\n".join(died)
+
+
+def _replace_dead_workers(stack: FaultStack) -> list[str]:
+    """Start a new worker for each one that exited on its own; the tails of their logs.
+
+    A crash is a failure of the test that finds it, not of every test after it.
+    """
+    dead = [w for w in stack.workers if not w.alive]
+    for proc in dead:
+        stack.workers.remove(proc)
+        stack.workers.append(start_worker(stack.log_dir, stack.redis_url, f"{proc.name}-again"))
+    return [f"{proc.name}:\n{proc.tail()}" for proc in dead]
 
 
 WORKER_CAPACITY = 8
