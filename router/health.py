@@ -10,7 +10,7 @@ from __future__ import annotations
 from grpc_health.v1 import health, health_pb2
 
 from qwen_serve.api.v1 import serve_pb2
-from router.dispatcher import ClusterView
+from router.cluster import ClusterView
 
 LIVENESS = "liveness"
 INFERENCE = serve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name

@@ -10,7 +10,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
 from qwen_serve.queue.codec import WorkerStatus
 from router import errors, jobs, validation
-from router.dispatcher import ClusterView
+from router.cluster import ClusterView
 from tests.helpers import chat, user
 
 
