@@ -102,10 +102,9 @@ class RouterSettings(QueueSettings):
         "stream (with exact usage) before ending it here.",
     )
     placement: bool = Field(
-        default=False,
+        default=True,
         description="Send NORMAL jobs to the worker most likely to hold their prompt's "
-        "prefix in its cache (router/placement.py); off (the default for now): every job "
-        "to the shared streams.",
+        "prefix in its cache (router/placement.py); off: every job to the shared streams.",
     )
     placement_bound: float = Field(
         default=1.25,

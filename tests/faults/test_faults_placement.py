@@ -36,7 +36,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 async def pstub(faults: FaultStack) -> AsyncIterator[Stub]:
-    """A stub on a router of the fault stack with placement on (it is off by default)."""
+    """A stub on a router of the fault stack with placement on (as by default; the flag
+    keeps these tests about placement should the default change)."""
     port = devstack.free_port()
     flags = (*STACK_FLAGS, "--placement")
     proc = devstack.start_router(
