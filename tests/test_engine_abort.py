@@ -72,7 +72,7 @@ def engine_on(llm: LateRegistering) -> Engine:
     async def prepare(_job: queue_pb2.Job) -> Prepared:
         return Prepared(None, None, 0, OneDeltaPerOutput(), "prompt", None)  # type: ignore[arg-type]
 
-    engine._prepare = prepare  # type: ignore[method-assign]
+    engine.preparer = SimpleNamespace(prepare=prepare)  # type: ignore[assignment]
     return engine
 
 
