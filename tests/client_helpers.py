@@ -9,14 +9,11 @@ vLLM's streaming parser turns the output into tool-call events.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-from PIL import Image
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve_client import tool
@@ -44,13 +41,6 @@ def weather_tool() -> pb.Tool:
         "required": ["city"],
     }
     return tool("get_weather", "Current weather for a city", schema)
-
-
-def png(size: int = 64, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
-    """A solid-colour PNG."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def run_cli(*args: str, stdin: str = "", timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,21 +63,27 @@ async def collect(
     stub: serve_pb2_grpc.InferenceStub,
     request: pb.ChatRequest | pb.GenerateRequest,
     timeout: float = 120,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> Collected:
-    """Run one Chat or Generate call to its end."""
+    """Run one Chat or Generate call (with ``metadata``) to its end."""
     out = Collected()
     call = stub.Chat if isinstance(request, pb.ChatRequest) else stub.Generate
-    async for event in call(request, timeout=timeout):
+    async for event in call(request, metadata=metadata, timeout=timeout):
         out.events.append(event)
     return out
 
 
 async def status_of(
-    stub: serve_pb2_grpc.InferenceStub, request: pb.ChatRequest, timeout: float = 60
+    stub: serve_pb2_grpc.InferenceStub,
+    request: pb.ChatRequest | pb.GenerateRequest,
+    timeout: float = 60,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> grpc.aio.AioRpcError:
-    """The error status a chat ends with (fails if it succeeds)."""
+    """The error status a call ends with (fails if it succeeds)."""
     try:
-        await collect(stub, request, timeout)
+        await collect(stub, request, timeout, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         return exc
     raise AssertionError("the call succeeded")

@@ -6,16 +6,13 @@ the stack's Redis and key prefix, so its requests reach the stack's real worker.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from PIL import Image
 
 from qwen_serve import devstack
 from tests.conftest import Stack
@@ -84,13 +81,6 @@ def http_router(
         yield HttpRouter(proc, f"{scheme}://127.0.0.1:{http_port}", target)
     finally:
         proc.stop()
-
-
-def png_data_url(size: tuple[int, int] = (64, 48)) -> str:
-    """A small red PNG as a data: URL."""
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 40)).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def user(text: str, *image_urls: str) -> dict[str, Any]:

@@ -18,10 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.api.v1 import serve_pb2_grpc
 from router import security
-from tests.helpers import Collected
 
 KEYS = {"alpha": security.new_key(), "alpha-2": security.new_key(), "beta": security.new_key()}
 Metadata = tuple[tuple[str, str], ...]
@@ -128,32 +125,6 @@ def tls(pki: Pki, client: str | None = None, ca: str = "ca") -> grpc.ChannelCred
 def bearer(tenant: str) -> Metadata:
     """Metadata carrying ``tenant``'s key."""
     return (("authorization", f"Bearer {KEYS[tenant]}"),)
-
-
-async def collect(
-    stub: serve_pb2_grpc.InferenceStub,
-    request: pb.ChatRequest | pb.GenerateRequest,
-    metadata: Metadata,
-) -> Collected:
-    """Run one Chat or Generate call, with ``metadata``, to its end."""
-    out = Collected()
-    call = stub.Chat if isinstance(request, pb.ChatRequest) else stub.Generate
-    async for event in call(request, metadata=metadata, timeout=120):  # type: ignore[operator]
-        out.events.append(event)
-    return out
-
-
-async def status(
-    stub: serve_pb2_grpc.InferenceStub,
-    request: pb.ChatRequest | pb.GenerateRequest,
-    metadata: Metadata,
-) -> grpc.aio.AioRpcError:
-    """The status a call ends with (fails if it succeeds)."""
-    try:
-        await collect(stub, request, metadata)
-    except grpc.aio.AioRpcError as exc:
-        return exc
-    raise AssertionError("the call succeeded")
 
 
 async def code(call: object) -> grpc.StatusCode:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from qwen_serve import devstack
-from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, png, run_cli
+from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, run_cli
 from tests.conftest import Stack
+from tests.support.images import png
 
 pytestmark = pytest.mark.e2e
 

@@ -49,9 +49,10 @@ from qwen_serve_client import (
     tool_result,
     user,
 )
-from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, TOOL_CALL_TOKEN_ID, png, run_cli
+from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, TOOL_CALL_TOKEN_ID, run_cli
 from tests.conftest import Stack
 from tests.helpers import wait_engines_idle
+from tests.support.images import png
 
 e2e = pytest.mark.e2e
 

@@ -34,12 +34,7 @@ from qwen_serve_client import (
 from qwen_serve_client.events import from_proto, to_dict
 from qwen_serve_client.result import Accumulator
 from qwen_serve_client.tools import tools_from_json
-
-
-def png_bytes(size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (10, 200, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
+from tests.support.images import png
 
 
 class Unit(enum.Enum):
@@ -103,7 +98,7 @@ def test_tools_from_json_accepts_plain_and_openai_shapes() -> None:
 
 
 def test_image_sources_become_the_same_image(tmp_path: Path) -> None:
-    data = png_bytes()
+    data = png(32)
     path = tmp_path / "a.png"
     path.write_bytes(data)
     from_pil = image(Image.open(io.BytesIO(data)))
@@ -118,7 +113,7 @@ def test_image_sources_become_the_same_image(tmp_path: Path) -> None:
 
 def test_chat_request_sets_only_what_was_given() -> None:
     request = chat_request(
-        [user("Look", png_bytes())],
+        [user("Look", png(32))],
         think=False,
         max_tokens=16,
         temperature=0.0,

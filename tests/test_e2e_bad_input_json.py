@@ -8,14 +8,12 @@ no traceback may reach a log, and the server keeps serving.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from PIL import Image
 from tokenizers import Tokenizer
 
 from qwen_serve.api.v1 import serve_pb2 as pb
@@ -23,6 +21,7 @@ from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_client.errors import bad_field
 from tests.conftest import Stack
 from tests.helpers import LogWatch, chat, collect, status_of, user
+from tests.support.images import encode
 
 pytestmark = pytest.mark.e2e
 
@@ -207,12 +206,6 @@ async def test_token_prompt_cut_inside_a_character_is_not_echoed(
     assert text == tokenizer.decode(generated).rstrip("\ufffd")
 
 
-def _png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 200, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _image_chat(data: bytes) -> pb.ChatRequest:
     request = chat(max_tokens=2)
     request.messages[0].content.insert(0, pb.ContentPart(image=pb.Image(data=data)))
@@ -224,12 +217,12 @@ async def test_extreme_aspect_ratio_names_the_image_with_a_readable_reason(
     stub: Stub, width: int, height: int
 ) -> None:
     details = await assert_invalid(
-        stub, _image_chat(_png(width, height)), "messages[0].content[0].image"
+        stub, _image_chat(encode("PNG", (width, height))), "messages[0].content[0].image"
     )
     assert f"{width}x{height}" in details and "aspect ratio" in details and "200:1" in details
     generate = pb.GenerateRequest(
         text="<|vision_start|><|image_pad|><|vision_end|>Describe.",
-        images=[pb.Image(data=_png(width, height))],
+        images=[pb.Image(data=encode("PNG", (width, height)))],
         sampling=pb.SamplingParams(max_tokens=2),
     )
     await assert_invalid(stub, generate, "images[0]")
@@ -237,12 +230,12 @@ async def test_extreme_aspect_ratio_names_the_image_with_a_readable_reason(
 
 async def test_extreme_but_accepted_images_are_served(stub: Stub) -> None:
     for width, height in ((1, 1), (1, 200), (28, 5600)):
-        assert (await collect(stub, _image_chat(_png(width, height)))).of("usage")
+        assert (await collect(stub, _image_chat(encode("PNG", (width, height))))).of("usage")
 
 
 async def test_corrupt_image_message_shows_no_object(stub: Stub) -> None:
     details = await assert_invalid(
-        stub, _image_chat(_png(8, 8)[:40]), "messages[0].content[0].image"
+        stub, _image_chat(encode("PNG", (8, 8))[:40]), "messages[0].content[0].image"
     )
     assert "BytesIO" not in details
 
@@ -250,7 +243,7 @@ async def test_corrupt_image_message_shows_no_object(stub: Stub) -> None:
 async def test_generate_with_too_many_images_names_images(stub: Stub) -> None:
     request = pb.GenerateRequest(
         text="<|vision_start|><|image_pad|><|vision_end|>" * 3 + "Compare.",
-        images=[pb.Image(data=_png(8, 8))] * 3,
+        images=[pb.Image(data=encode("PNG", (8, 8)))] * 3,
         sampling=pb.SamplingParams(max_tokens=2),
     )
     await assert_invalid(stub, request, "images")
@@ -268,7 +261,7 @@ async def test_generate_placeholders_and_images_must_match(
 ) -> None:
     request = pb.GenerateRequest(
         text=PLACEHOLDER * placeholders + "Describe.",
-        images=[pb.Image(data=_png(8, 8))] * images,
+        images=[pb.Image(data=encode("PNG", (8, 8)))] * images,
         sampling=pb.SamplingParams(max_tokens=2),
     )
     await assert_invalid(stub, request, field)
@@ -283,7 +276,7 @@ async def test_placeholder_tokens_need_images_in_token_prompts_and_chats(
         token_ids=pb.TokenIds(ids=[1247, 946, pad, 893]), sampling=pb.SamplingParams(max_tokens=2)
     )
     await assert_invalid(stub, ids, "token_ids")
-    spelled = _image_chat(_png(8, 8))
+    spelled = _image_chat(encode("PNG", (8, 8)))
     spelled.messages[0].content[1].text = "Look at <|image_pad|> this."
     await assert_invalid(stub, spelled, "messages[0].content[1].text")
     video = chat(max_tokens=2)
@@ -297,7 +290,7 @@ async def test_placeholder_tokens_need_images_in_token_prompts_and_chats(
 async def test_a_refused_image_request_does_not_break_the_next_one(stub: Stub) -> None:
     """A request refused after vLLM read its image, then the same image again."""
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
-    image = _png(24, 24)
+    image = encode("PNG", (24, 24))
     too_long = _image_chat(image)
     too_long.sampling.max_tokens = info.max_context_tokens - 5
     await assert_invalid(stub, too_long, "sampling.max_tokens")

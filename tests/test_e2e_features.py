@@ -35,6 +35,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from tests.conftest import Stack
 from tests.helpers import Collected, collect, engine_version, status_of, user
+from tests.support.images import encode
 
 pytestmark = pytest.mark.e2e
 
@@ -123,12 +124,6 @@ def fold(result: Collected, index: int = 0) -> Folded:
 def usage(result: Collected) -> pb.Usage:
     (event,) = result.of("usage")
     return event.usage
-
-
-def encode(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    PILImage.new(mode, size, (200, 30, 40) if mode == "RGB" else 1).save(buf, fmt)
-    return buf.getvalue()
 
 
 def image(fmt: str = "PNG", **kwargs: Any) -> pb.ContentPart:

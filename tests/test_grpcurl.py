@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.client_helpers import FAILS_MID_STREAM, ROOT, png
+from tests.client_helpers import FAILS_MID_STREAM, ROOT
 from tests.conftest import Stack
+from tests.support.images import png
 
 pytestmark = pytest.mark.e2e
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import struct
 import threading
@@ -23,19 +24,15 @@ from PIL import Image as PILImage
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INVALID_ARGUMENT, RequestError
 from qwen_serve.settings import WorkerSettings
+from tests.support import images
 from worker import requests
 from worker.images import ImagePolicy, decode, load_images, sniff_mime
 
-RED, BLUE = (200, 30, 40), (20, 40, 220)
+RED, BLUE = images.RED, (20, 40, 220)
 
 
-def encode(
-    fmt: str, size: tuple[int, int] = (40, 30), color: object = RED, mode: str = "RGB"
-) -> bytes:
-    """An image of one color, encoded as ``fmt``."""
-    buf = io.BytesIO()
-    PILImage.new(mode, size, color).save(buf, fmt)  # type: ignore[arg-type]
-    return buf.getvalue()
+encode = functools.partial(images.encode, size=(40, 30))
+"""A small image of one colour (red unless told), encoded as the format given."""
 
 
 def animated_gif() -> bytes:

@@ -24,10 +24,10 @@ from tests.openai_support import (
     WEATHER,
     HttpRouter,
     http_router,
-    png_data_url,
     spelled,
     user,
 )
+from tests.support.images import png_data_url
 
 pytestmark = pytest.mark.e2e
 

@@ -23,16 +23,14 @@ from qwen_serve.queue.codec import Job, decode
 from qwen_serve.settings import QueueSettings
 from router import security
 from tests.conftest import Stack
-from tests.helpers import chat, wait_engines_idle
+from tests.helpers import chat, collect, status_of, wait_engines_idle
 from tests.security_support import (
     KEYS,
     Metadata,
     Pki,
     bearer,
     code,
-    collect,
     make_pki,
-    status,
     tls,
     write_keys_file,
 )
@@ -142,7 +140,7 @@ async def test_every_inference_call_needs_a_key(pki: Pki, tls_router: Router) ->
             ):
                 assert await code(call) == grpc.StatusCode.UNAUTHENTICATED
             for request in (chat(max_tokens=2), pb.GenerateRequest(text="hi")):
-                exc = await status(stub, request, metadata)
+                exc = await status_of(stub, request, metadata=metadata)
                 assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert (exc.details() or "").startswith("authorization")
         for tenant in KEYS:
@@ -207,9 +205,9 @@ async def test_tenant_reaches_job_and_cap_is_per_tenant(
         }
         assert tenants[started.started.request_id] == "alpha"
         for tenant in ("alpha", "alpha-2"):  # one tenant, two keys: one quota
-            refused = await status(stub, chat(max_tokens=2), bearer(tenant))
+            refused = await status_of(stub, chat(max_tokens=2), metadata=bearer(tenant))
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        served = await collect(stub, chat(max_tokens=4), bearer("beta"))
+        served = await collect(stub, chat(max_tokens=4), metadata=bearer("beta"))
         assert served.kinds()[-1] == "usage"
         held.cancel()
     assert await wait_engines_idle(stack.redis_url, stack.key_prefix) == 0
@@ -247,7 +245,7 @@ async def test_oversized_request_is_refused_by_grpc(pki: Pki, tls_router: Router
     _, target = tls_router
     async with grpc.aio.secure_channel(target, tls(pki)) as channel:
         stub = serve_pb2_grpc.InferenceStub(channel)
-        exc = await status(stub, chat("x" * 100_000, max_tokens=2), bearer("beta"))
+        exc = await status_of(stub, chat("x" * 100_000, max_tokens=2), metadata=bearer("beta"))
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=bearer("beta"))
         assert info.live_workers >= 1
@@ -264,7 +262,7 @@ async def test_mtls_needs_a_client_certificate_of_the_ca(pki: Pki, mtls_router: 
             assert await code(info) == grpc.StatusCode.UNAVAILABLE, client
     async with grpc.aio.secure_channel(target, tls(pki, "client")) as channel:
         served = await collect(
-            serve_pb2_grpc.InferenceStub(channel), chat(max_tokens=4), bearer("beta")
+            serve_pb2_grpc.InferenceStub(channel), chat(max_tokens=4), metadata=bearer("beta")
         )
         assert served.kinds()[0] == "started" and served.kinds()[-1] == "usage"
 
@@ -296,12 +294,13 @@ async def test_logs_hold_no_keys_or_prompts(stack: Stack, pki: Pki, tls_router: 
     prompt = "sentinel-" + security.new_key()
     async with grpc.aio.secure_channel(target, tls(pki)) as channel:
         stub = serve_pb2_grpc.InferenceStub(channel)
-        served = await collect(stub, chat(prompt, max_tokens=4), bearer("alpha"))
+        served = await collect(stub, chat(prompt, max_tokens=4), metadata=bearer("alpha"))
         started = served.of("started")[0].started
         wrong = (("authorization", f"Bearer {prompt}"),)
-        assert (await status(stub, chat(prompt), wrong)).code() == grpc.StatusCode.UNAUTHENTICATED
+        refused = await status_of(stub, chat(prompt), metadata=wrong)
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
         bad = chat(prompt, max_tokens=2, temperature=-1.0)
-        assert (await status(stub, bad, bearer("beta"))).code() == (
+        assert (await status_of(stub, bad, metadata=bearer("beta"))).code() == (
             grpc.StatusCode.INVALID_ARGUMENT
         )
     assert await wait_engines_idle(stack.redis_url, stack.key_prefix) == 0

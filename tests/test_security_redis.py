@@ -31,8 +31,8 @@ from qwen_serve.queue.codec import Reply, WorkerStatus
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import QueueSettings
 from router import jobs, security
-from tests.helpers import chat
-from tests.security_support import Pki, make_pki, status
+from tests.helpers import chat, status_of
+from tests.security_support import Pki, make_pki
 
 pytestmark = pytest.mark.e2e
 
@@ -256,7 +256,7 @@ async def test_router_process_on_acl_tls_redis(pki: Pki, secure_redis: int, tmp_
         devstack.wait_serving(target, [proc], 60, service="liveness")
         async with grpc.aio.insecure_channel(target) as channel:
             stub = serve_pb2_grpc.InferenceStub(channel)
-            exc = await status(stub, chat(max_tokens=2), ())
+            exc = await status_of(stub, chat(max_tokens=2), metadata=())
         # Redis answered (otherwise: "queue (Redis) is unreachable"); no worker runs there.
         assert exc.code() == grpc.StatusCode.UNAVAILABLE
         assert "no worker" in (exc.details() or "")

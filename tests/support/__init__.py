@@ -1,0 +1,1 @@
+"""What many test modules build the same way: images for requests (``images``)."""
