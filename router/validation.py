@@ -15,6 +15,7 @@ from typing import Any
 from qwen_serve import jsontext, regexes, schemas
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import NOT_FOUND, RequestError, invalid
+from qwen_serve.image_types import unsupported
 
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -22,7 +23,6 @@ TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_N = 8
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
-IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"})
 
 
 def check_chat(req: pb.ChatRequest) -> None:
@@ -122,10 +122,9 @@ def _check_image(image: pb.Image, where: str) -> None:
         raise invalid(where, "image has no data")
     if source == "url" and not image.url.startswith(("data:", "http://", "https://")):
         raise invalid(f"{where}.url", "must be a data: or http(s) URL")
-    if image.mime_type and image.mime_type.lower() not in IMAGE_MIME_TYPES:
-        raise invalid(
-            where, f"unsupported image type {image.mime_type!r}; send PNG, JPEG, WebP or GIF"
-        )
+    problem = unsupported(image.mime_type)
+    if problem:
+        raise invalid(where, problem)
 
 
 def _check_tools(tools: Sequence[pb.Tool], choice: pb.ToolChoice) -> None:

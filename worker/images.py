@@ -18,7 +18,7 @@ import binascii
 import io
 import logging
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,21 +27,16 @@ from PIL import Image as PILImage
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import invalid, readable
+from qwen_serve.image_types import ACCEPTED, IMAGE_FORMATS, unsupported
+from qwen_serve.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-FORMATS: Final[Mapping[str, str]] = {
-    "image/png": "PNG",
-    "image/jpeg": "JPEG",
-    "image/webp": "WEBP",
-    "image/gif": "GIF",
-}
-"""Accepted MIME types -> the PIL format allowed to decode them."""
-MIME_ALIASES: Final[Mapping[str, str]] = {"image/jpg": "image/jpeg"}
-IMAGE_MIME_TYPES: Final = frozenset(FORMATS)
-DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS: Final = 7680 * 4320
-DEFAULT_FETCH_TIMEOUT_S: Final = 10.0
+_DEFAULTS = WorkerSettings.model_fields
+DEFAULT_MAX_BYTES: Final[int] = _DEFAULTS["max_image_bytes"].default
+DEFAULT_MAX_PIXELS: Final[int] = _DEFAULTS["max_image_pixels"].default
+DEFAULT_FETCH_TIMEOUT_S: Final[float] = _DEFAULTS["image_fetch_timeout_s"].default
+"""The image limits by default, as the worker settings declare them."""
 MAX_ASPECT_RATIO: Final = 200.0
 """Longest side over shortest side that Qwen's vision processor accepts (``smart_resize``)."""
 _CHUNK: Final = 64 * 1024
@@ -67,15 +62,14 @@ class ImagePolicy:
     """Time limit of one remote fetch, connection to last byte."""
 
     @classmethod
-    def from_settings(cls, settings: object) -> ImagePolicy:
-        """The policy from an object with the worker settings' attribute names."""
-        hosts: Iterable[str] = getattr(settings, "image_url_hosts", None) or ()
+    def from_settings(cls, settings: WorkerSettings) -> ImagePolicy:
+        """The policy the worker settings give."""
+        hosts = settings.image_url_hosts
         return cls(
-            max_bytes=getattr(settings, "max_image_bytes", None) or DEFAULT_MAX_BYTES,
-            max_pixels=getattr(settings, "max_image_pixels", None) or DEFAULT_MAX_PIXELS,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
             url_hosts=frozenset(h.strip().lower() for h in hosts if h.strip()),
-            fetch_timeout_s=getattr(settings, "image_fetch_timeout_s", None)
-            or DEFAULT_FETCH_TIMEOUT_S,
+            fetch_timeout_s=settings.image_fetch_timeout_s,
         )
 
     def allows_host(self, host: str) -> bool:
@@ -118,14 +112,14 @@ def decode(data: bytes, mime: str, field: str, policy: ImagePolicy) -> PILImage.
         raise invalid(field, "image is empty")
     if len(data) > policy.max_bytes:
         raise invalid(field, f"image has {len(data)} bytes; at most {policy.max_bytes} allowed")
-    declared = MIME_ALIASES.get(mime.lower(), mime.lower())
-    if declared and declared not in FORMATS:
-        raise invalid(field, f"unsupported image type {declared!r}; send PNG, JPEG, WebP or GIF")
+    problem = unsupported(mime)
+    if problem:
+        raise invalid(field, problem)
     actual = sniff_mime(data)
     if actual is None:
-        raise invalid(field, "not a PNG, JPEG, WebP or GIF image")
+        raise invalid(field, f"not a {ACCEPTED} image")
     try:
-        with PILImage.open(io.BytesIO(data), formats=[FORMATS[actual]]) as img:
+        with PILImage.open(io.BytesIO(data), formats=[IMAGE_FORMATS[actual]]) as img:
             _check_size(*img.size, field, policy)
             img.load()
             return _to_rgb(img)
