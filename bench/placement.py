@@ -35,7 +35,7 @@ from qwen_serve.devstack import Proc
 from qwen_serve.queue.broker import RouterQueue, connect
 from qwen_serve.queue.codec import decode_lease
 from qwen_serve.queue.keys import Keys
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ async def _sample_running(redis_url: str, stop: asyncio.Event) -> dict[str, int]
     """Per worker: the sum of its heartbeats' running requests, read every 0.25 s
     until ``stop`` (its share of the load the fleet held, whatever its speed)."""
     queue = RouterQueue(
-        connect(QueueSettings(redis_url=redis_url, key_prefix=PREFIX), 1000),
+        connect(SharedSettings(redis_url=redis_url, key_prefix=PREFIX), 1000),
         Keys(PREFIX),
         "bench-sampler",
         5.0,
@@ -145,7 +145,7 @@ async def _sample_running(redis_url: str, stop: asyncio.Event) -> dict[str, int]
 
 
 async def _holders(redis_url: str, request_ids: list[str]) -> Counter[str]:
-    client = connect(QueueSettings(redis_url=redis_url, key_prefix=PREFIX), 1000)
+    client = connect(SharedSettings(redis_url=redis_url, key_prefix=PREFIX), 1000)
     try:
         raws: list[Any] = await client.mget([Keys(PREFIX).lease(r, 0) for r in request_ids])
     finally:
@@ -196,7 +196,7 @@ def _start(log_dir: Path, workers: int, placement: bool) -> tuple[list[Proc], st
 
 
 async def _await_workers(redis_url: str, count: int, timeout: float = 300) -> None:
-    client = connect(QueueSettings(redis_url=redis_url, key_prefix=PREFIX), 1000)
+    client = connect(SharedSettings(redis_url=redis_url, key_prefix=PREFIX), 1000)
     deadline = time.monotonic() + timeout
     try:
         while await client.zcard(Keys(PREFIX).workers) < count:

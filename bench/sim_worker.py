@@ -27,7 +27,7 @@ from qwen_serve import aio
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, worker_queue
 from qwen_serve.queue.codec import Job, WorkerStatus
-from qwen_serve.settings import QueueSettings, new_id
+from qwen_serve.settings import SharedSettings, new_id
 from worker.replies import ReplyWriter
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class SimWorker:
                 logger.warning("heartbeat failed: %s", exc)
 
 
-async def serve(settings: QueueSettings, config: SimConfig, worker_id: str) -> None:
+async def serve(settings: SharedSettings, config: SimConfig, worker_id: str) -> None:
     """Run one simulated worker until SIGTERM or SIGINT."""
     queue = worker_queue(settings, worker_id, block_ms=100)
     sim = SimWorker(queue, worker_id, config)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coalesce-ms", type=float, default=2.0, help="ReplyWriter window")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = QueueSettings(redis_url=args.redis_url, key_prefix=args.key_prefix)
+    settings = SharedSettings(redis_url=args.redis_url, key_prefix=args.key_prefix)
     config = SimConfig(args.tokens, args.rate, args.capacity, args.coalesce_ms)
     aio.run(serve(settings, config, new_id("simworker")))
 

@@ -19,8 +19,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-class QueueSettings(BaseSettings):
-    """Where the queue lives; shared by router and worker."""
+class SharedSettings(BaseSettings):
+    """What the router and the worker share: the queue (Redis), heartbeats, outages and
+    observability."""
 
     model_config = SettingsConfigDict(env_prefix="QS_", extra="ignore", populate_by_name=True)
 
@@ -78,7 +79,7 @@ class QueueSettings(BaseSettings):
     )
 
 
-class RouterSettings(QueueSettings):
+class RouterSettings(SharedSettings):
     """Settings of one router process."""
 
     router_id: str = Field(default_factory=lambda: new_id("router"))
@@ -156,7 +157,7 @@ class RouterSettings(QueueSettings):
     )
 
 
-class WorkerSettings(QueueSettings):
+class WorkerSettings(SharedSettings):
     """Settings of one worker process."""
 
     worker_id: str = Field(default_factory=lambda: new_id("worker"))

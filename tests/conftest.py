@@ -17,7 +17,7 @@ from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, WorkerQueue, connect
 from qwen_serve.queue.keys import Keys
-from qwen_serve.settings import QueueSettings, new_id
+from qwen_serve.settings import SharedSettings, new_id
 from tests.reliability import write_report
 
 
@@ -59,7 +59,7 @@ QueueTrio = tuple[RouterQueue, WorkerQueue, WorkerQueue]
 async def queues(redis_url: str) -> AsyncIterator[QueueTrio]:
     """A router's queue and two workers' ("worker-1", "worker-2", groups created) on
     the module's redis-server, under a fresh key prefix."""
-    settings = QueueSettings(redis_url=redis_url, key_prefix=new_id("qs-queues"))
+    settings = SharedSettings(redis_url=redis_url, key_prefix=new_id("qs-queues"))
     keys = Keys(settings.key_prefix)
     router = RouterQueue(connect(settings, 1000), keys, "router-q", 5.0)
     workers = [WorkerQueue(connect(settings, 1000), keys, f"worker-{i}", 5.0) for i in (1, 2)]

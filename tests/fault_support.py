@@ -28,7 +28,7 @@ from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, connect
 from qwen_serve.queue.codec import Job, Reply, decode_lease, encode
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 from router.jobs import make_job
 from tests.helpers import chat
 from tests.reliability import Outcome
@@ -68,8 +68,8 @@ class FaultStack:
     def all(self) -> list[devstack.Proc]:
         return [self.router, *self.workers, *self.extra, self.redis]
 
-    def settings(self) -> QueueSettings:
-        return QueueSettings(
+    def settings(self) -> SharedSettings:
+        return SharedSettings(
             redis_url=self.redis_url, key_prefix=PREFIX, heartbeat_ttl_s=HEARTBEAT_TTL_S
         )
 

@@ -13,7 +13,7 @@ import grpc
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import worker_queue
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 
 
 def user(text: str) -> pb.Message:
@@ -92,7 +92,7 @@ async def status_of(
 async def running_in_engines(redis_url: str, prefix: str) -> int:
     """Requests the live workers report running in their engines."""
     queue = worker_queue(  # a patient reader: a loaded host may stall Redis for seconds
-        QueueSettings(redis_url=redis_url, key_prefix=prefix), "test-observer", block_ms=10_000
+        SharedSettings(redis_url=redis_url, key_prefix=prefix), "test-observer", block_ms=10_000
     )
     try:
         return sum(w.running for w in await queue.live_workers())

@@ -17,7 +17,7 @@ from qwen_serve.queue.broker import (
     worker_queue,
 )
 from qwen_serve.queue.codec import Reply, encode
-from qwen_serve.settings import QueueSettings, new_id
+from qwen_serve.settings import SharedSettings, new_id
 from router import jobs
 from tests.helpers import chat
 from worker.replies import ReplyWriter
@@ -69,7 +69,7 @@ async def test_event_queue_merges_waiting_deltas_and_keeps_order() -> None:
 @pytest.fixture
 async def queues(redis_url: str) -> AsyncIterator[tuple[WorkerQueue, RouterQueue, RouterQueue]]:
     """A worker's queue and two routers' queues on a fresh key prefix."""
-    settings = QueueSettings(redis_url=redis_url, key_prefix=new_id("qs-replies"))
+    settings = SharedSettings(redis_url=redis_url, key_prefix=new_id("qs-replies"))
     worker = worker_queue(settings, "w1", block_ms=100)
     routers = router_queue(settings, "ra"), router_queue(settings, "rb")
     try:

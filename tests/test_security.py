@@ -20,7 +20,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import connect
 from qwen_serve.queue.codec import Job, decode
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 from router import security
 from tests.conftest import Stack
 from tests.helpers import chat, collect, status_of, wait_engines_idle
@@ -194,7 +194,7 @@ async def test_tenant_reaches_job_and_cap_is_per_tenant(
         long = chat(max_tokens=3000, ignore_eos=True)
         held = stub.Chat(long, metadata=bearer("alpha"), timeout=300)
         started = await anext(aiter(held))
-        redis = connect(QueueSettings(redis_url=stack.redis_url))
+        redis = connect(SharedSettings(redis_url=stack.redis_url))
         try:  # the shared NORMAL stream or, placed, the worker's own
             streams = await redis.keys(f"{stack.key_prefix}:jobs*")
             entries = [e for s in streams for e in await redis.xrange(s)]

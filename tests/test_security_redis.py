@@ -29,7 +29,7 @@ from qwen_serve.queue.broker import (
 )
 from qwen_serve.queue.codec import Reply, WorkerStatus
 from qwen_serve.queue.keys import Keys
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 from router import jobs, security
 from tests.helpers import chat, status_of
 from tests.security_support import Pki, make_pki
@@ -131,14 +131,14 @@ def _redis_settings(
     scheme: str = "rediss",
     user: str = "qs-router",
     **tls: str | None,
-) -> QueueSettings:
+) -> SharedSettings:
     """Settings of the ACL user over TLS with the client certificate (overridable)."""
     files = {
         "redis_tls_ca_file": pki.path("ca.crt"),
         "redis_tls_cert_file": pki.path("client.crt"),
         "redis_tls_key_file": pki.path("client.key"),
     }
-    return QueueSettings(
+    return SharedSettings(
         redis_url=f"{scheme}://{user}:{password}@127.0.0.1:{port}/0",
         key_prefix=ACL_PREFIX,
         **{**files, **tls},

@@ -35,7 +35,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, connect
 from qwen_serve.queue.keys import Keys
-from qwen_serve.settings import QueueSettings, WorkerSettings
+from qwen_serve.settings import SharedSettings, WorkerSettings
 from router.jobs import make_job
 from tests.helpers import Collected, chat, collect
 from tests.otlp_receiver import OtlpReceiver, one
@@ -449,7 +449,7 @@ async def test_a_job_cancelled_before_it_started_counts_as_aborted(traced: Trace
     name = "qwen_serve_worker_jobs_total"
     before = await asyncio.to_thread(scrape, traced.worker_metrics_port)
     queue = RouterQueue(
-        connect(QueueSettings(redis_url=traced.redis_url)), Keys(), "test-router", 5
+        connect(SharedSettings(redis_url=traced.redis_url)), Keys(), "test-router", 5
     )
     try:
         await queue.heartbeat()

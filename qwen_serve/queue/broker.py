@@ -19,7 +19,7 @@ from qwen_serve.queue.connection import QueueUnavailable, connect, now_ms
 from qwen_serve.queue.keys import Keys
 from qwen_serve.queue.router_queue import RouterQueue
 from qwen_serve.queue.worker_queue import AttemptRef, LeaseCheck, WorkerQueue
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 
 __all__ = [
     "AttemptRef",
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def router_queue(settings: QueueSettings, router_id: str) -> RouterQueue:
+def router_queue(settings: SharedSettings, router_id: str) -> RouterQueue:
     """A RouterQueue connected per ``settings``."""
     return RouterQueue(
         connect(settings, block_ms=1000),
@@ -45,7 +45,7 @@ def router_queue(settings: QueueSettings, router_id: str) -> RouterQueue:
     )
 
 
-def worker_queue(settings: QueueSettings, worker_id: str, block_ms: int) -> WorkerQueue:
+def worker_queue(settings: SharedSettings, worker_id: str, block_ms: int) -> WorkerQueue:
     """A WorkerQueue connected per ``settings``."""
     return WorkerQueue(
         connect(settings, block_ms=block_ms),

@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
-from qwen_serve.settings import QueueSettings
+from qwen_serve.settings import SharedSettings
 
 MAX_CONNECTIONS = 32  # per process: bursts queue for a connection instead of opening more
 POOL_WAIT_S = 5.0
@@ -114,7 +114,7 @@ def _host_port(item: str) -> tuple[str, int]:
     return host, int(port) if port else SENTINEL_PORT
 
 
-def _tls_kwargs(settings: QueueSettings, tls_url: bool) -> dict[str, Any]:
+def _tls_kwargs(settings: SharedSettings, tls_url: bool) -> dict[str, Any]:
     tls = {
         name: value
         for name, value in (
@@ -129,7 +129,7 @@ def _tls_kwargs(settings: QueueSettings, tls_url: bool) -> dict[str, Any]:
     return tls
 
 
-def connect(settings: QueueSettings, block_ms: int = 0) -> aioredis.Redis:
+def connect(settings: SharedSettings, block_ms: int = 0) -> aioredis.Redis:
     """A Redis client whose calls fail fast when the server is gone.
 
     ACL user and password ride in the URL (``rediss://user:password@host``);
@@ -157,7 +157,7 @@ class _SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool (it asks the Sentinels for the primary) that queues bursts."""
 
 
-def _sentinel_client(settings: QueueSettings, options: dict[str, Any]) -> aioredis.Redis:
+def _sentinel_client(settings: SharedSettings, options: dict[str, Any]) -> aioredis.Redis:
     url = parse_sentinel_url(settings.redis_url)
     tls = _tls_kwargs(settings, url.tls)
     if url.tls:
