@@ -21,8 +21,8 @@ from typing import Any
 
 from bench import stack
 from bench.procstats import Usage, tree_rss, watching
-from qwen_serve import devstack
-from qwen_serve.devstack import Proc
+from qwen_serve_dev import devstack
+from qwen_serve_dev.devstack import Proc
 
 logger = logging.getLogger(__name__)
 

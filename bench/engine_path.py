@@ -30,8 +30,8 @@ import psutil
 from bench import stack
 from bench.http_load import completion_body
 from bench.procstats import watching
-from qwen_serve import devstack
-from qwen_serve.devstack import Proc
+from qwen_serve_dev import devstack
+from qwen_serve_dev.devstack import Proc
 from worker.profiles import ResolvedProfile
 
 logger = logging.getLogger(__name__)

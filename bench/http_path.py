@@ -32,8 +32,8 @@ from typing import Any
 
 from bench import engine_path, http_placement, stack
 from bench.engine_path import System, Workload
-from qwen_serve import devstack
-from qwen_serve.devstack import Proc
+from qwen_serve_dev import devstack
+from qwen_serve_dev.devstack import Proc
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from bench import capacity, engine_path, stack
 from bench.http_load import completion_body
 from bench.procstats import watching
 from bench.sim_worker import SIM_MODEL
-from qwen_serve import devstack
-from qwen_serve.devstack import Proc
+from qwen_serve_dev import devstack
+from qwen_serve_dev.devstack import Proc
 
 logger = logging.getLogger(__name__)
 

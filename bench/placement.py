@@ -28,14 +28,14 @@ from typing import Any
 import grpc
 
 from bench.tables import table
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
-from qwen_serve.devstack import Proc
 from qwen_serve.queue.broker import RouterQueue, connect
 from qwen_serve.queue.codec import decode_lease
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings
+from qwen_serve_dev import devstack
+from qwen_serve_dev.devstack import Proc
 
 logger = logging.getLogger(__name__)
 

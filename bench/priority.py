@@ -26,9 +26,9 @@ import grpc
 
 from bench import stack
 from bench.tables import table
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve_dev import devstack
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 
 from bench.tables import table
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve_dev import devstack
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
-from qwen_serve import devstack
-from qwen_serve.devstack import Proc
+from qwen_serve_dev import devstack
+from qwen_serve_dev.devstack import Proc
 from worker.profiles import Overrides, ResolvedProfile, resolve
 
 logger = logging.getLogger(__name__)

@@ -176,7 +176,10 @@ class Dispatcher:
         RequestError (UNAVAILABLE) if Redis stays unreachable beyond the outage bound.
         """
         done: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
-        observability.produced(job, done)
+        headers = observability.produced(job, done)
+        if headers is not None:  # the worker's spans join the producer span's trace
+            job.trace_context.clear()
+            job.trace_context.update(headers)
         self._pending.put_nowait(_Submission(job, done, fence, placed))
         self.cluster.submitted_since_refresh += 1
         try:

@@ -7,8 +7,9 @@
   event included) and counts the call. Health and reflection are not traced.
 - :func:`observer` watches a stream's events on their way to the client: time to
   first token, finish reasons, usage, a terminal Error.
-- :func:`produced` opens the producer span of a job's queue write and puts its
-  context in the job's ``trace_context``, so the worker's spans join the trace.
+- :func:`produced` opens the producer span of a job's queue write and returns its
+  context as the trace headers the job carries (``trace_context``), so the worker's
+  spans join the trace.
 - :func:`watch` exposes the dispatcher's in-flight count, queue depth and workers.
 
 Why not ``opentelemetry-instrumentation-grpc``'s aio interceptor: it handles our
@@ -354,8 +355,9 @@ def http_call(method: str, route: str, headers: Mapping[str, str]) -> Iterator[H
 # ------------------------------------------------------------------ the queue write
 
 
-def produced(job: Job, written: asyncio.Future[Any]) -> None:
-    """Open the producer span of ``job``'s queue write and carry its context in the job.
+def produced(job: Job, written: asyncio.Future[Any]) -> dict[str, str] | None:
+    """Open the producer span of ``job``'s queue write; the trace headers the job should
+    carry from now on (None: keep its own, as when tracing is off).
 
     Call before the job is queued for writing: the span ends when ``written`` resolves.
     A resubmitted job (a continuation) is parented by the context it already carries.
@@ -365,7 +367,7 @@ def produced(job: Job, written: asyncio.Future[Any]) -> None:
     if call is not None:
         call.span.set_attribute("gen_ai.response.id", job.request_id)
     if not _options.tracing:
-        return  # the client's own traceparent, if any, travels unchanged
+        return None  # the client's own traceparent, if any, travels unchanged
     current = trace.get_current_span().get_span_context()
     parent = None if current.is_valid else propagate.extract(dict(job.trace_context))
     span = _tracer.start_span(
@@ -383,9 +385,8 @@ def produced(job: Job, written: asyncio.Future[Any]) -> None:
     )
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
-    job.trace_context.clear()
-    job.trace_context.update(carrier)
     written.add_done_callback(functools.partial(_end_producer, span))
+    return carrier
 
 
 def _end_producer(span: Span, written: asyncio.Future[None]) -> None:

@@ -8,4 +8,4 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 if [[ -z "${REDIS_URL:-}" ]]; then bash scripts/ensure_redis.sh; fi
 bash scripts/bootstrap.sh
-exec .venv/bin/python -m qwen_serve.devstack demo "$@"
+exec .venv/bin/python -m qwen_serve_dev.devstack demo "$@"

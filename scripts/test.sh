@@ -16,7 +16,7 @@ echo "[test] ruff" >&2
 $py -m ruff check .
 $py -m ruff format --check .
 echo "[test] mypy" >&2
-$py -m mypy qwen_serve router worker qwen_serve_client bench loadtest
+$py -m mypy qwen_serve qwen_serve_dev router worker qwen_serve_client bench loadtest
 echo "[test] pytest (vLLM 0.32)" >&2
 status=0
 $py -m pytest -p no:cacheprovider "$@" || status=$?

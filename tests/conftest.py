@@ -13,11 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, WorkerQueue, connect
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings, new_id
+from qwen_serve_dev import devstack
 from tests.reliability import write_report
 
 

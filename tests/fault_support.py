@@ -22,13 +22,13 @@ from typing import Any
 
 import grpc
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, connect
 from qwen_serve.queue.codec import Job, Reply, decode_lease, encode
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from qwen_serve.settings import SharedSettings
+from qwen_serve_dev import devstack
 from router.jobs import make_job
 from tests.helpers import chat
 from tests.reliability import Outcome

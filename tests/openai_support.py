@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from qwen_serve import devstack
+from qwen_serve_dev import devstack
 from tests.conftest import Stack
 
 MODEL = "qwen3.5-tiny"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from qwen_serve import devstack
+from qwen_serve_dev import devstack
 from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, run_cli
 from tests.conftest import Stack
 from tests.support.images import png

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_client import (
@@ -49,6 +48,7 @@ from qwen_serve_client import (
     tool_result,
     user,
 )
+from qwen_serve_dev import devstack
 from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, TOOL_CALL_TOKEN_ID, run_cli
 from tests.conftest import Stack
 from tests.helpers import wait_engines_idle

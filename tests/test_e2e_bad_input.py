@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import pytest
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_client.errors import bad_field
+from qwen_serve_dev import devstack
 from tests.conftest import Stack
 from tests.helpers import chat, collect, status_of, user
 

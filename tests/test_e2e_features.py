@@ -30,9 +30,9 @@ import jsonschema
 import pytest
 from PIL import Image as PILImage
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
+from qwen_serve_dev import devstack
 from tests.conftest import Stack
 from tests.helpers import Collected, collect, engine_version, status_of, user
 from tests.support.images import encode

@@ -19,11 +19,11 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_client import Client, StreamError, StreamFailed
 from qwen_serve_client.errors import bad_field
+from qwen_serve_dev import devstack
 from tests.client_helpers import FAILS_MID_STREAM
 from tests.conftest import Stack
 from tests.helpers import LogWatch, chat

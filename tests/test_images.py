@@ -340,7 +340,7 @@ def test_slow_remote_image_is_refused(image_server: ImageServer) -> None:
 
 
 def test_unreachable_allowed_host_is_refused() -> None:
-    from qwen_serve.devstack import free_port
+    from qwen_serve_dev.devstack import free_port
 
     url = f"http://127.0.0.1:{free_port()}/cat.png"
     assert "fetching the image failed" in rejected(pb.Image(url=url), ALLOW_LOCAL).message

@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from qwen_serve import devstack
+from qwen_serve_dev import devstack
 from tests.conftest import Stack
 from tests.helpers import wait_engines_idle
 from tests.openai_support import MODEL, NO_THINKING, HttpRouter, http_router, user

@@ -23,11 +23,11 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from transformers import AutoTokenizer
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue import acl
 from qwen_serve.queue.keys import Keys
+from qwen_serve_dev import devstack
 from router.security import new_key
 from tests.fault_support import (
     Stream,

@@ -15,12 +15,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import connect
 from qwen_serve.queue.codec import Job, decode
 from qwen_serve.settings import SharedSettings
+from qwen_serve_dev import devstack
 from router import security
 from tests.conftest import Stack
 from tests.helpers import chat, collect, status_of, wait_engines_idle

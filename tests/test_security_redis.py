@@ -15,7 +15,6 @@ import grpc
 import pytest
 from redis import exceptions as redis_errors
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue import acl
 from qwen_serve.queue.broker import (
@@ -30,6 +29,7 @@ from qwen_serve.queue.broker import (
 from qwen_serve.queue.codec import Reply, WorkerStatus
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings
+from qwen_serve_dev import devstack
 from router import jobs, security
 from tests.helpers import chat, status_of
 from tests.security_support import Pki, make_pki

@@ -30,12 +30,13 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from qwen_serve import devstack, metrics, telemetry
+from qwen_serve import metrics, telemetry
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.broker import RouterQueue, connect
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings, WorkerSettings
+from qwen_serve_dev import devstack
 from router.jobs import make_job
 from tests.helpers import Collected, chat, collect
 from tests.otlp_receiver import OtlpReceiver, one

@@ -15,12 +15,12 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import new_id
+from qwen_serve_dev import devstack
 from router import quotas
 from router.quotas import Quotas, TenantLimits, parse_limits
 from tests.conftest import Stack

@@ -36,7 +36,7 @@ from typing import Any
 from bench import profile as pyspy
 from bench.engine_path import Launcher, System, make_prompts, summarise
 from bench.gpu import real_shape
-from qwen_serve import devstack
+from qwen_serve_dev import devstack
 from worker.profiles import NVIDIA, Overrides, ResolvedProfile, resolve
 
 logger = logging.getLogger("bench.gpu")

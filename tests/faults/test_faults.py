@@ -16,10 +16,10 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.codec import Job
 from qwen_serve.queue.keys import Keys
+from qwen_serve_dev import devstack
 from tests.fault_support import (
     PREFIX,
     STACK_FLAGS,

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from qwen_serve import devstack
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.queue.codec import decode_lease
 from qwen_serve.queue.keys import Keys
+from qwen_serve_dev import devstack
 from router.jobs import make_job
 from router.placement import prefix_key, rank
 from tests.fault_support import (

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from transformers import AutoTokenizer
 
-from qwen_serve import devstack
+from qwen_serve_dev import devstack
 from tests.fault_support import (
     PREFIX,
     FaultStack,

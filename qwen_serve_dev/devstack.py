@@ -1,6 +1,6 @@
 """A local stack of real processes (redis-server, worker, router) for the demo and tests.
 
-``python -m qwen_serve.devstack demo`` builds the tiny model, starts Redis
+``python -m qwen_serve_dev.devstack demo`` builds the tiny model, starts Redis
 when ``REDIS_URL`` is unset, starts a worker and a router, streams a sample
 chat and stops everything (``--keep`` keeps it serving until Ctrl-C).
 """
@@ -262,6 +262,10 @@ def local_stack(log_dir: Path, redis_url: str | None = None) -> Iterator[tuple[s
             proc.stop()
 
 
+SAMPLE_CHAT = ("--max-tokens", "48", "--temperature", "0.7", "Write a haiku about gRPC streams.")
+"""What the demo asks, through the client's command line (``qwen-serve chat``)."""
+
+
 def demo(keep: bool) -> int:
     """Run the stack, stream a sample chat, stop (or keep serving)."""
     logging.basicConfig(level=logging.INFO, format="[demo] %(message)s")
@@ -271,9 +275,9 @@ def demo(keep: bool) -> int:
     logger.info("logs: %s", log_dir)
     with local_stack(log_dir, os.environ.get("REDIS_URL")) as (target, _procs):
         logger.info("router ready at %s; streaming a sample chat", target)
-        from qwen_serve import sample_chat
+        from qwen_serve_client import cli
 
-        code = sample_chat.main(["--target", target])
+        code = cli.main(["chat", "--target", target, *SAMPLE_CHAT])
         if keep:
             logger.info("serving on %s until Ctrl-C", target)
             with contextlib.suppress(KeyboardInterrupt):
@@ -283,7 +287,7 @@ def demo(keep: bool) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI."""
-    parser = argparse.ArgumentParser(prog="python -m qwen_serve.devstack")
+    parser = argparse.ArgumentParser(prog="python -m qwen_serve_dev.devstack")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("demo", help="run the stack and stream a sample chat")
     run.add_argument("--keep", action="store_true", help="keep serving after the sample chat")
