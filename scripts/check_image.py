@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build-time checks of the qwen-serve wheel and image environments (stdlib only).
 
-The Dockerfile runs these in each stage, and tests/test_deploy.py runs ``wheel`` on a
+The Dockerfile runs these in each stage, and tests/unit/test_deploy.py runs ``wheel`` on a
 wheel built from the work tree, so the image build and the test suite check the same things:
 
 ``check_image.py wheel PATH``

@@ -8,7 +8,7 @@ Rendering uses ``kubectl kustomize`` (or a ``kustomize`` binary). Every rendered
 validated strictly (unknown fields are errors): Kubernetes kinds with ``kubernetes-validate``
 against each version in :data:`K8S_VERSIONS`; custom kinds (KEDA, Prometheus Operator)
 against the JSON Schemas in ``k8s/schemas``. Then the deployment rules of
-:func:`policy_problems` are checked. Exit 1 on any problem. ``tests/test_deploy.py``
+:func:`policy_problems` are checked. Exit 1 on any problem. ``tests/unit/test_deploy.py``
 imports this module.
 """
 

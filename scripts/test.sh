@@ -25,8 +25,8 @@ if [[ "${QS_SKIP_VLLM023:-0}" != 1 ]]; then
     bash scripts/bootstrap.sh requirements/cpu-vllm023.lock .venv-vllm023
     # The 0.23 install regenerated the stubs with its grpcio-tools (the same pin).
     .venv-vllm023/bin/python -m pytest -p no:cacheprovider -v \
-        tests/test_vllm_boundary.py tests/test_vllm_fixes.py tests/test_e2e_chat.py \
-        tests/test_e2e_features.py \
+        tests/unit/test_vllm_boundary.py tests/unit/test_vllm_fixes.py tests/e2e/test_e2e_chat.py \
+        tests/e2e/test_e2e_features.py \
         || status=$?
 fi
 exit $status

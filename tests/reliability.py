@@ -1,7 +1,7 @@
 """Rows of docs/reliability.md, recorded by the fault-injection tests.
 
 ``QS_RELIABILITY_REPORT=docs/reliability.md .venv/bin/python -m pytest tests/faults
-tests/test_redis_ha.py`` reruns every scenario and rewrites the report.
+tests/e2e/test_redis_ha.py`` reruns every scenario and rewrites the report.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def write_report() -> Path | None:
         "# Reliability",
         "",
         "Produced by `QS_RELIABILITY_REPORT=docs/reliability.md .venv/bin/python -m pytest "
-        "tests/faults tests/test_redis_ha.py` on "
+        "tests/faults tests/e2e/test_redis_ha.py` on "
         f"{datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} cores): "
         "real redis-server (append-only file on), two workers with the vLLM CPU engine and "
         "the tiny model, a router; the Sentinel scenario has its own primary, replica, three "

@@ -117,7 +117,11 @@ def e2e(out: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     devstack.build_tiny_model()
     flags = worker_flags(tiny_overrides(capacity=64, gpu_share=0.25))
     env = {**os.environ, "QS_DEVSTACK_WORKER_FLAGS": shlex.join(flags)}
-    files = ["tests/test_e2e_chat.py", "tests/test_e2e_features.py", "tests/test_vllm_boundary.py"]
+    files = [
+        "tests/e2e/test_e2e_chat.py",
+        "tests/e2e/test_e2e_features.py",
+        "tests/unit/test_vllm_boundary.py",
+    ]
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs", *files]
     if args.tests:
         command += ["-k", args.tests]

@@ -3,7 +3,7 @@
 vLLM ignores ``abort()`` of an id it does not know yet; a run fenced or cancelled while
 the engine is still adding it would then generate its whole budget and hold a slot.
 The stand-in below has exactly that property of ``AsyncLLM`` and nothing else of it;
-the real engine's aborts are covered end to end (tests/test_e2e_chat.py, tests/faults).
+the real engine's aborts are covered end to end (tests/e2e/test_e2e_chat.py, tests/faults).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from tests.conftest import Stack
 
 CHAT = "qwen_serve.api.v1.Inference/Chat"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-DATA_DIR = Path(__file__).resolve().parent.parent / "loadtest" / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "loadtest" / "data"
 
 
 def chat_data(max_tokens: int = 6) -> str:

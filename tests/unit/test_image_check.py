@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_deploy import check_image
+from tests.unit.test_deploy import check_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_worker_env_passes_here() -> None:

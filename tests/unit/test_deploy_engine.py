@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_deploy import (
+from tests.unit.test_deploy import (
     K8S,
     ROOT,
     Doc,
@@ -331,7 +331,7 @@ def test_single_gpu_sizing_is_the_one_in_the_docs(
     tp: int, gpus_set: str, utilization: float
 ) -> None:
     """docs/deploy.md quotes scripts/kv_sizing.py's TP 1 tables verbatim."""
-    from tests.test_deploy import kv_sizing
+    from tests.unit.test_deploy import kv_sizing
 
     plan = kv_sizing.Deployment.for_tp(tp, utilization=utilization)
     report = kv_sizing.report(kv_sizing.ModelShape(), plan, kv_sizing.GPU_SETS[gpus_set])

@@ -32,7 +32,7 @@ PLUGIN_NAME = "qwen_serve_config_fix"
 PLUGIN_VALUE = "worker.config_fix:register"
 LIST_SET_ERROR = r"unsupported operand type\(s\) for (-=?|\|=?): '(set|list)' and '(list|set)'"
 IGNORE_KEYS = ["mrope_section", "mrope_interleaved"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_worker_start_fails_on_a_bad_engine_arg(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "HOME": str(tmp_path), "QS_ENGINE_ARGS": "{}"},
     )
     assert run.returncode == 2, run.stderr[-2000:]

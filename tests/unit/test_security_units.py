@@ -14,7 +14,7 @@ from qwen_serve.settings import RouterSettings
 from router import jobs, security
 from tests.security_support import KEYS, write_keys_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 openai SDK → HTTP → router (``--http-listen``) → Redis → worker → vLLM CPU engine with
 the tiny model. Where a test needs a given output (a tool call, an answer), vLLM's
-structured outputs spell it, as in tests/test_e2e_features.py.
+structured outputs spell it, as in tests/e2e/test_e2e_features.py.
 """
 
 from __future__ import annotations

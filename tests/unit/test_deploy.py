@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
@@ -947,7 +947,13 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         assert any(f == source or f.startswith(f"{source}/") for f in context), source
     assert "protos/qwen_serve/api/v1/serve.proto" in context
     assert "worker/assets/chat_template.jinja" in context
-    for path in (".git/x", ".venv/x", "tests/test_deploy.py", "docs/deploy.md", "k8s/README.md"):
+    for path in (
+        ".git/x",
+        ".venv/x",
+        "tests/unit/test_deploy.py",
+        "docs/deploy.md",
+        "k8s/README.md",
+    ):
         assert dockerignore_excludes(patterns, path), path
     assert not [f for f in context if "_pb2" in f or "__pycache__" in f]
 

@@ -42,7 +42,7 @@ from tests.helpers import Collected, chat, collect
 from tests.otlp_receiver import OtlpReceiver, one
 
 ROUTER, WORKER = "qwen-serve-router", "qwen-serve-worker"
-DASHBOARD = Path(__file__).parent.parent / "k8s" / "dashboards" / "qwen-serve.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "dashboards" / "qwen-serve.json"
 TEXT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -1,0 +1,2 @@
+"""End-to-end tests: real redis-server, workers with the vLLM CPU engine, routers,
+over real gRPC."""
