@@ -5,7 +5,8 @@ takes the attempt's lease (``SET NX``, with the abort check in the same
 round trip), so at most one worker streams an attempt; once a heartbeat it
 re-reads the leases and abort markers of what it runs (the audit) and
 renews the idle time of their entries, so an entry idle for long is one
-nobody runs.
+nobody runs. What a worker does with other workers' pending entries (take
+over, hand back, dead-letter) is in ``qwen_serve/queue/sweeps.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
@@ -23,14 +24,14 @@ from qwen_serve.queue.base import (
     DONE_LEASE_TTL_S,
     LEASE_TTL_S,
     WORKER_STREAM_TTL_S,
-    QueueBase,
     decode_or_none,
     text,
 )
-from qwen_serve.queue.codec import Job, Lease, Reply, WorkerStatus, decode_lease, encode
+from qwen_serve.queue.codec import Job, Lease, Reply, WorkerStatus, decode_lease
 from qwen_serve.queue.codec import encode_replies as encode_batch
 from qwen_serve.queue.connection import QueueUnavailable, now_ms, redis_errors_as_unavailable
 from qwen_serve.queue.keys import PRIORITY_HIGH, PRIORITY_LOW, WORKER_GROUP, Keys
+from qwen_serve.queue.sweeps import SweepingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class LeaseCheck(NamedTuple):
     """The lease was this worker's already (for ``acquire``: the attempt ran here before)."""
 
 
-class WorkerQueue(QueueBase):
+class WorkerQueue(SweepingQueue):
     """The worker's side: claim jobs, hold leases, stream replies, heartbeat."""
 
     def __init__(
@@ -70,8 +71,7 @@ class WorkerQueue(QueueBase):
         ttl_s: float,
         outage_s: float = 0.0,
     ) -> None:
-        super().__init__(client, keys, ttl_s)
-        self.worker_id = worker_id
+        super().__init__(client, keys, worker_id, ttl_s)
         self.status_ttl_ms = self.ttl_ms + int(outage_s * 1000)
         self.claims_since_low = 0
 
@@ -193,116 +193,6 @@ class WorkerQueue(QueueBase):
                     if text(consumer["name"]) == self.worker_id:
                         total += int(consumer["pending"])
         return total
-
-    async def stalled(self, idle_ms: int, count: int) -> list[tuple[str, bytes, int]]:
-        """Pending entries of other consumers untouched for ``idle_ms``:
-        (consumer, entry ref, deliveries)."""
-        out: list[tuple[str, bytes, int]] = []
-        with redis_errors_as_unavailable():
-            for stream in self.keys.job_streams:
-                try:
-                    pending: Any = await self.redis.xpending_range(
-                        stream, WORKER_GROUP, "-", "+", count, idle=idle_ms
-                    )
-                except redis_errors.ResponseError:
-                    continue
-                out += [
-                    (
-                        text(p["consumer"]),
-                        self.keys.entry_ref(stream, p["message_id"]),
-                        int(p["times_delivered"]),
-                    )
-                    for p in pending
-                    if text(p["consumer"]) != self.worker_id
-                ]
-        return out[:count]
-
-    async def orphaned(self, live: set[str], count: int) -> list[tuple[str, bytes, int]]:
-        """Pending jobs of consumers that are not in ``live``: (consumer, entry ref,
-        deliveries). A gone consumer with nothing pending is deleted."""
-        out: list[tuple[str, bytes, int]] = []
-        with redis_errors_as_unavailable():
-            for stream in self.keys.job_streams:
-                if len(out) < count:
-                    out += await self._orphaned_in(stream, live, count - len(out))
-        return out[:count]
-
-    async def _orphaned_in(
-        self, stream: str, live: set[str], count: int
-    ) -> list[tuple[str, bytes, int]]:
-        try:
-            consumers: Any = await self.redis.xinfo_consumers(stream, WORKER_GROUP)
-        except redis_errors.ResponseError:  # no stream or group yet
-            return []
-        out: list[tuple[str, bytes, int]] = []
-        for consumer in consumers:
-            name = text(consumer["name"])
-            if name in live or name == self.worker_id:
-                continue
-            if not consumer["pending"]:
-                await self.redis.xgroup_delconsumer(stream, WORKER_GROUP, name)
-                continue
-            pending: Any = await self.redis.xpending_range(
-                stream, WORKER_GROUP, "-", "+", count, consumername=name
-            )
-            out += [
-                (name, self.keys.entry_ref(stream, p["message_id"]), int(p["times_delivered"]))
-                for p in pending
-            ]
-            if len(out) >= count:
-                break
-        return out
-
-    async def take_over(
-        self, refs: Sequence[bytes], min_idle_ms: int = 0
-    ) -> list[tuple[bytes, Job | None]]:
-        """Claim the given pending entries for this worker (counts as a delivery).
-
-        Only entries still idle for ``min_idle_ms`` move (Redis checks it atomically).
-        """
-        out: list[tuple[bytes, Job | None]] = []
-        with redis_errors_as_unavailable():
-            for stream, ids in self._by_stream(refs).items():
-                found: Any = await self.redis.xclaim(
-                    stream, WORKER_GROUP, self.worker_id, min_idle_ms, ids
-                )
-                out += [
-                    (self.keys.entry_ref(stream, entry_id), decode_or_none(Job, fields))
-                    for entry_id, fields in found
-                    if fields
-                ]
-        return out
-
-    def _by_stream(self, refs: Iterable[bytes]) -> dict[str, list[Any]]:
-        """Entry refs grouped by job stream, as stream entry ids."""
-        out: dict[str, list[Any]] = {}
-        for ref in refs:
-            stream, entry_id = self.keys.entry_stream(ref)
-            out.setdefault(stream, []).append(entry_id)
-        return out
-
-    async def hand_back(self, ref: bytes, worker_id: str) -> None:
-        """Give a pending entry back to the worker whose lease runs it (no new delivery)."""
-        stream, entry_id = self.keys.entry_stream(ref)
-        with redis_errors_as_unavailable():
-            await self.redis.xclaim(stream, WORKER_GROUP, worker_id, 0, [entry_id], justid=True)
-
-    async def dead_letter(self, entry_id: bytes, job: Job | None, reason: str) -> None:
-        """Move a job to the dead-letter stream and remove it from the job stream."""
-        fields: dict[bytes, bytes] = {b"reason": reason.encode()}
-        if job is not None:
-            fields.update(encode(job))
-        with redis_errors_as_unavailable():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self.keys.dead_letters, fields, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
-                self._remove(pipe, entry_id)
-                await pipe.execute()
-
-    def _remove(self, pipe: Any, ref: bytes) -> None:
-        """Acknowledge an entry and delete it from its job stream (in ``pipe``)."""
-        stream, entry_id = self.keys.entry_stream(ref)
-        pipe.xack(stream, WORKER_GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
 
     # -------------------------------------------------------------- leases
 
