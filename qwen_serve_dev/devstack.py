@@ -279,10 +279,16 @@ def demo(keep: bool) -> int:
 
         code = cli.main(["chat", "--target", target, *SAMPLE_CHAT])
         if keep:
-            logger.info("serving on %s until Ctrl-C", target)
+            logger.info("serving on %s until Ctrl-C (or SIGTERM)", target)
+            signal.signal(signal.SIGTERM, _interrupt)
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
     return code
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    """SIGTERM stops a kept demo as Ctrl-C does: the stack is stopped on the way out."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
