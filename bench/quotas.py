@@ -26,6 +26,7 @@ from bench.tables import table
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_dev import devstack
+from qwen_serve_dev.overlap import most_at_once
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ async def _stream(target: str, key: str, tokens: int) -> tuple[float, float, lis
                 hint = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms", "0")
                 refusals.append(f"{exc.code().name} (retry hint {hint} ms)")
                 await asyncio.sleep(int(str(hint)) / 1000)
-
-
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    """The largest number of intervals open at one moment."""
-    edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
-    most = now = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def run(quick: bool) -> dict[str, Any]:

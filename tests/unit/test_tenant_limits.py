@@ -21,6 +21,7 @@ from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import new_id
 from qwen_serve_dev import devstack
+from qwen_serve_dev.overlap import most_at_once
 from router import quotas
 from router.quotas import Quotas, TenantLimits, parse_limits
 from tests.conftest import Stack
@@ -146,15 +147,6 @@ async def _timed_stream(
             return exc
 
 
-def _most_at_once(intervals: list[tuple[float, float]]) -> int:
-    edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
-    most = now = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
-
-
 def _metric(port: int, name: str, **labels: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -191,7 +183,7 @@ async def test_three_routers_never_run_more_than_the_tenants_inflight_cap(
         admitted = [r for r in results if isinstance(r, tuple)]
         refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
         assert admitted and refused
-        assert _most_at_once(admitted) <= 4
+        assert most_at_once(admitted) <= 4
         for status in refused:
             assert status.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "'alpha' has 4 streams open" in (status.details() or "")
