@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,41 +24,12 @@ from qwen_serve.queue.broker import (
     connect,
     router_queue,
 )
-from qwen_serve.queue.codec import Job
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import WorkerSettings, new_id
 from router import jobs
 from tests.helpers import chat
+from tests.support.scripted import ScriptedEngine
 from worker.service import Worker
-
-
-class ScriptedEngine:
-    """Streams one delta, Finished and Usage per job once ``wanted`` says so."""
-
-    def __init__(self) -> None:
-        self.runs: list[str] = []
-
-    async def run(
-        self, request_id: str, job: Job, wanted: Awaitable[bool]
-    ) -> AsyncGenerator[pb.ChatEvent, None]:
-        if not await wanted:
-            return
-        self.runs.append(request_id)
-        yield pb.ChatEvent(delta=pb.Delta(index=0, content="hi", token_ids=[7, 8]))
-        yield pb.ChatEvent(finished=pb.Finished(index=0, reason=pb.FINISH_REASON_STOP))
-        yield pb.ChatEvent(usage=pb.Usage(prompt_tokens=3, completion_tokens=2))
-
-    async def abort(self, request_id: str) -> None:
-        """Nothing runs long enough to abort."""
-
-    def num_unfinished(self) -> int:
-        return 0
-
-    def model_info(self) -> pb.ModelInfo:
-        return pb.ModelInfo(served_model_name="scripted")
-
-    async def check_health(self) -> None:
-        """Always healthy."""
 
 
 class FlakyQueue(WorkerQueue):
