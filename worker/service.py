@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, Protocol
 
@@ -29,7 +28,8 @@ from qwen_serve.queue.codec import Job, WorkerStatus
 from qwen_serve.settings import WorkerSettings
 from worker import observability
 from worker.guard import Guard
-from worker.probe import remove_status, status_path, write_status
+from worker.presence import Presence
+from worker.probe import remove_status, status_path
 from worker.replies import ReplyWriter
 from worker.runs import Run, aborted_events
 
@@ -104,6 +104,7 @@ class Worker:
         """Entries whose acknowledgement the writer has not written yet."""
         self.outage = Outage(settings.redis_outage_s, settings.heartbeat_ttl_s)
         self.guard = Guard(self)
+        self.presence = Presence(self)
         self.draining = asyncio.Event()
         self.engine_dead = False
         self._slot_free = asyncio.Event()
@@ -123,9 +124,9 @@ class Worker:
         """Serve until drain() is called, then finish or hand over in-flight jobs."""
         await self.queue.ensure_group()
         self.status.model.CopyFrom(self.engine.model_info())
-        await self._heartbeat()
+        await self.presence.beat()
         self.tasks.loop("reply writer", self.writer.run)
-        self.tasks.loop("heartbeat", self._heartbeat_loop)
+        self.tasks.loop("heartbeat", self.presence.loop)
         self.tasks.loop("guard", self._guard_loop)
         self.tasks.loop("abort subscription", self.guard.abort_loop)
         logger.info("worker %s claiming up to %d jobs", self.settings.worker_id, self.capacity)
@@ -332,52 +333,16 @@ class Worker:
         run.aborted = True
         await self.engine.abort(run.engine_id)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self._heartbeat()
-
     async def _guard_loop(self) -> None:
         """The guard's checks, once a heartbeat interval (apart from the heartbeat itself,
         which their round trips must not delay)."""
         await every(self.settings.heartbeat_interval_s, self.outage, self.guard.tick)
-
-    async def _heartbeat(self) -> None:
-        engine_ok = await self._engine_healthy()
-        self.status.running = self.engine.num_unfinished() if engine_ok else 0
-        self.status.draining = self.draining.is_set()
-        redis_ok, began = True, time.monotonic()
-        try:
-            await self.queue.heartbeat(self.status)
-            self.outage.succeeded(took=time.monotonic() - began)
-        except QueueUnavailable as exc:
-            redis_ok = False
-            self.redis_failed("heartbeat failed", exc)
-        write_status(
-            status_path(self.settings),
-            worker_id=self.settings.worker_id,
-            engine_ok=engine_ok,
-            redis_ok=redis_ok,
-            draining=self.status.draining,
-            running=self.status.running,
-        )
 
     def redis_failed(self, what: str, exc: QueueUnavailable) -> None:
         """Note a failed Redis call; log it at the start of an outage only."""
         level = logging.DEBUG if self.outage.ongoing else logging.WARNING
         logger.log(level, "%s: %s", what, exc)
         self.outage.failed()
-
-    async def _engine_healthy(self) -> bool:
-        try:
-            await self.engine.check_health()
-        except EngineDeadError:
-            if not self.engine_dead:
-                logger.error("engine health check failed; draining")
-            self.engine_dead = True
-            self.drain()
-            return False
-        return True
 
     async def _finish_inflight(self) -> None:
         if self.running:
