@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
@@ -139,11 +140,36 @@ async def await_workers(stack: FaultStack, count: int, timeout: float = 300) -> 
     """
     died = _replace_dead_workers(stack)
     live = await _live_at_least(stack, count, timeout)
+    renice_engines(stack)
     if live - stack.warmed:
         await _warm(stack, live)
         live = await _live_at_least(stack, count, timeout)
     stack.warmed |= live
     assert not died, "a worker of the fault stack died (replaced):\n" + "\n".join(died)
+
+
+ENGINE_NICE = 10
+
+
+def renice_engines(stack: FaultStack) -> None:
+    """Give the stack's engine processes (every thread of every process a worker started:
+    vLLM's engine core and model runner) a lower CPU priority than the serving processes.
+
+    On this 2-core host the engines busy-wait (both model runners are pinned to core 0,
+    the engine cores poll shared memory), and the workers' own event loops went without
+    CPU for 10-20 s at a time, so live workers missed heartbeats; on a serving host each
+    engine has its own accelerator and the serving loop its CPU. Threads started later
+    inherit the priority of the thread that starts them.
+    """
+    for proc in stack.workers:
+        try:
+            children = psutil.Process(proc.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+                for thread in child.threads():
+                    os.setpriority(os.PRIO_PROCESS, thread.id, ENGINE_NICE)
 
 
 def _replace_dead_workers(stack: FaultStack) -> list[str]:
