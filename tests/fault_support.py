@@ -37,8 +37,10 @@ from tests.reliability import Outcome
 PREFIX = "qs-faults"
 HEARTBEAT_TTL_S = 10.0
 """Twice the default: this 2-core machine runs two CPU engines, often a third starting,
-a router and the tests, and stalls processes for seconds at a time (measured up to
-1.7 s for a sleeping process); a 5 s TTL there declared live workers and routers gone."""
+a router and the tests, and stalled processes for seconds at a time (a sleeping process
+woke up to 3.6 s late, ``python -m qwen_serve_dev.stallmon``); a 5 s TTL there declared
+live workers and routers gone. ``renice_engines`` removed the main cause; the margin
+stays for a worker that is starting its engine beside two running ones."""
 STACK_FLAGS = ("--key-prefix", PREFIX, "--heartbeat-ttl-s", f"{HEARTBEAT_TTL_S:g}")
 """Flags of every router and worker of the fault stack."""
 Stub = serve_pb2_grpc.InferenceStub
@@ -200,7 +202,6 @@ async def _warm(stack: FaultStack, live: set[str], rounds: int = 3) -> None:
             assert all(s.complete for s in ends), [s for s in ends if not s.complete]
             cold -= set(await lease_holders(stack, [s.request_id for s in ends]))
             if not cold:
-                stack.warmed |= live
                 return
     raise AssertionError(f"workers {sorted(cold)} took no warm-up request")
 

@@ -41,7 +41,7 @@ def redis_errors_as_unavailable() -> Iterator[None]:
     A READONLY reply means the server we reached is a replica (a failover is under
     way, or a stale address): that is an outage too. So is uvloop's RuntimeError on
     writing to a socket the server has just closed (redis-py's HELLO on a connection
-    to a restarting Redis), which the default event loop reports as an OSError.
+    to a restarting Redis), where redis-py expects a connection error.
     """
     try:
         yield

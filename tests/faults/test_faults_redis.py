@@ -130,7 +130,8 @@ async def test_redis_pause_beyond_the_bound_fails_streams_clearly(
     # open at the pause. The pause outlasts the bound by 10 s: a process notices it only
     # when a read times out (up to 3 s late, more on a starved host), and counts from then.
     done_before = {id(s) for s in outs if s.ended_at}
-    await _pause(faults, OUTAGE_BOUND_S + 10)
+    pause_s = OUTAGE_BOUND_S + 10
+    await _pause(faults, pause_s)
     streams = list(await asyncio.wait_for(asyncio.gather(*tasks), 120))
     open_at_pause = [s for s in streams if id(s) not in done_before]
     assert open_at_pause, "every stream ended before the pause"
@@ -139,7 +140,7 @@ async def test_redis_pause_beyond_the_bound_fails_streams_clearly(
         assert stream.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     # The streams end once the bound is passed, while Redis is still paused: a request
     # sent then would be refused, by design (the test after this one). Send it after.
-    await asyncio.sleep(max(0.0, paused + OUTAGE_BOUND_S + 12 - time.monotonic()))
+    await asyncio.sleep(max(0.0, paused + pause_s + 2 - time.monotonic()))
     after = await run_stream(fstub, chat(max_tokens=4))
     assert after.complete, (after.status, after.error)
     assert await wait_engines_idle(faults.redis_url, PREFIX, timeout=60) == 0

@@ -27,12 +27,11 @@ from worker.service import Worker
 
 @dataclass
 class Pair:
-    """A started Dispatcher, and a Worker with the scripted engine once ``serve`` ran."""
+    """A started Dispatcher, and what ``serving`` runs a Worker with."""
 
     dispatcher: Dispatcher
     engine: ScriptedEngine
     worker_settings: WorkerSettings
-    worker: Worker | None = None
 
 
 def _job(dispatcher: Dispatcher, tenant: str = "") -> Job:
