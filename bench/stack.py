@@ -189,7 +189,7 @@ def start_bare(log_dir: Path, tokens: int, rate: float) -> Proc:
 
 
 def wait_grpc(target: str, proc: Proc, timeout: float = devstack.WORKER_START_TIMEOUT_S) -> None:
-    """Wait until ``target`` reports SERVING on grpc.health.v1 (or accepts calls)."""
+    """Wait until ``target`` reports SERVING on grpc.health.v1."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if devstack.health_status(target) == health_pb2.HealthCheckResponse.SERVING:

@@ -28,20 +28,40 @@ the same workload), as ratios to direct AsyncLLM measured in the same run."""
 
 
 def import_run(source: Path, data_dir: Path, run: str) -> list[Path]:
-    """Copy a run's phase results into ``data_dir`` as ``gpu-<run>-<phase>.json``."""
-    written = []
+    """Copy a run's phase results into ``data_dir`` as ``gpu-<run>-<phase>.json``.
+
+    A phase run in parts (``--tag``: ``perf.json`` and ``perf-c.json``, one device call
+    each) is stored as one result: their rows and per-system fields merged.
+    """
+    phases: dict[str, dict[str, Any]] = {}
     for result in sorted(source.glob("*.json")):
         document = json.loads(result.read_text())
         if "phase" not in document:
             continue
         if document["phase"] == "e2e" and not document.get("tests"):
             document["tests"] = junit_outcomes(source / "e2e.xml")
-        target = data_dir / f"gpu-{run}-{result.stem}.json"
+        phase = document["phase"]
+        phases[phase] = merge_parts(phases[phase], document) if phase in phases else document
+    written = []
+    for phase, document in phases.items():
+        target = data_dir / f"gpu-{run}-{phase}.json"
         target.write_text(json.dumps(document, indent=1) + "\n")
         written.append(target)
     for profile in source.glob("profile-*.txt"):
         shutil.copy(profile, data_dir / f"gpu-{run}-{profile.name}")
     return written
+
+
+def merge_parts(first: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Two parts of one phase as one result (the first part's engine arguments and machine)."""
+    merged = dict(first)
+    merged["rows"] = [*first.get("rows", []), *part.get("rows", [])]
+    for key in ("start_s", "errors", "profiles"):
+        merged[key] = {**first.get(key, {}), **part.get(key, {})}
+    for key in ("client_check", "bare_ceiling"):
+        merged[key] = first.get(key) or part.get(key) or []
+    merged["wall_s"] = first.get("wall_s", 0) + part.get("wall_s", 0)
+    return merged
 
 
 def runs(data_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -209,15 +229,27 @@ def gpu_section(data_dir: Path) -> list[str]:
 
 
 def _ceiling(perf: dict[str, Any]) -> list[str]:
+    lines = []
     rows = perf.get("client_check") or []
-    if not rows:
-        return []
-    cells = ", ".join(f"{r['procs']} process(es): {r['tokens_per_s']:,.0f} tok/s" for r in rows)
-    return [
-        f"Is the load generator the limit? Our path at the widest level from {cells} (the",
-        "figures above use one client process per 64 streams).",
-        "",
-    ]
+    if rows:
+        lines += [
+            f"Is the load generator the limit? Our path at the widest level from {_procs(rows)}",
+            "(the figures above use one client process per 64 streams).",
+            "",
+        ]
+    bare = perf.get("bare_ceiling") or []
+    if bare:
+        lines += [
+            "The load generator's own ceiling, against a bare grpc.aio server that streams",
+            f"{perf.get('max_tokens', 256)} tokens per call with no engine, router or Redis,",
+            f"at the widest level: {_procs(bare)}.",
+            "",
+        ]
+    return lines
+
+
+def _procs(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['procs']} process(es): {r['tokens_per_s']:,.0f} tok/s" for r in rows)
 
 
 def _machine_line(machine: dict[str, Any]) -> str:

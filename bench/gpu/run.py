@@ -242,8 +242,12 @@ def _systems(
             errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
         finally:
             system.stop()
+    if check_clients:
+        widest = max(levels)
+        bare_rows = _guarded(errors, "bare", lambda: bare_ceiling(log_dir, widest, levels[widest]))
     return {
         "errors": errors,
+        "bare_ceiling": bare_rows if check_clients else [],
         "engine_args": dict(resolved.engine_args),
         "engine_env": dict(resolved.env),
         "worker_flags": worker_flags(overrides),
@@ -319,6 +323,45 @@ def _profile(system: System, out: Path, c: int) -> dict[str, Any]:
         if path.exists():
             summary[name] = pyspy.summarise_collapsed(path.read_text())
     return summary
+
+
+BARE_RATE = 400.0
+"""Steps per second of the bare server: at 256 streams it offers ~100,000 tokens/s, far more
+than the engine gives, so what comes back is the load generator's own ceiling."""
+
+
+def bare_ceiling(log_dir: Path, c: int, n: int) -> list[dict[str, Any]]:
+    """The load generator against a bare grpc.aio server (no engine, router or Redis) at
+    ``c`` streams, from 1 and 4 processes: the most tokens/s it can take in."""
+    from bench import stack
+    from bench.engine_path import ours_runner
+
+    proc = stack.start_bare(log_dir, MAX_TOKENS, BARE_RATE)
+    try:
+        target = stack.target_of(proc)
+        import grpc
+
+        with grpc.insecure_channel(target) as channel:  # it has no health service
+            grpc.channel_ready_future(channel).result(timeout=60)
+        rows = []
+        for procs in (1, 4):
+            runner = ours_runner(target, Path(tempfile.mkdtemp()), procs)
+            report = runner(make_prompts(n, c + 50 + procs), c, MAX_TOKENS, f"bare{procs}")
+            rows.append({"procs": procs, "tokens_per_s": report["streaming"]["tokensPerSecond"]})
+            logger.info("bare ceiling: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
+        return rows
+    finally:
+        proc.stop()
+
+
+def _guarded(errors: dict[str, str], key: str, step: Callable[[], Any]) -> Any:
+    """``step()``; an exception is logged and reported under ``key`` (the run goes on)."""
+    try:
+        return step()
+    except Exception as exc:
+        logger.exception("%s failed", key)
+        errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
+        return []
 
 
 def client_check(system: System, c: int, n: int) -> list[dict[str, Any]]:
