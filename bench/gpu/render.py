@@ -81,7 +81,34 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 
 
 def _by(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    return {(r["system"], r["concurrency"]): r for r in rows}
+    """One row per (system, level): with ``--rounds``, the round of median tokens/s."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault((r["system"], r["concurrency"]), []).append(r)
+    return {key: _median(group) for key, group in grouped.items()}
+
+
+def _median(group: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(group, key=lambda r: r["tokens_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def rounds_lines(result: dict[str, Any]) -> list[str]:
+    """Every round's tokens/s where a level ran more than once (the tables show the median)."""
+    grouped: dict[tuple[str, int], list[float]] = {}
+    for r in result.get("rows", []):
+        grouped.setdefault((r["system"], r["concurrency"]), []).append(r["tokens_per_s"])
+    lines = [
+        f"- {SYSTEM_NAMES.get(system, system)}, c={c}: "
+        + ", ".join(f"{value:,.0f}" for value in values)
+        + " tok/s"
+        for (system, c), values in sorted(grouped.items())
+        if len(values) > 1
+    ]
+    if not lines:
+        return []
+    head = "Rounds in a row on the same processes (the tables show the median round):"
+    return [head, "", *lines, ""]
 
 
 def throughput_table(result: dict[str, Any]) -> list[str]:
@@ -126,7 +153,8 @@ def _ratio(ours: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
 def cpu_table(result: dict[str, Any]) -> list[str]:
     """CPU seconds per 1,000 output tokens of each process (``-own``: without children)."""
     rows = []
-    for r in result.get("rows", []):
+    order = list(SYSTEM_NAMES)
+    for r in sorted(result.get("rows", []), key=lambda r: order.index(r["system"])):
         per = r.get("cpu_s_per_1k_tokens", {})
         cells = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in per.items())
         rows.append((SYSTEM_NAMES.get(r["system"], r["system"]), r["concurrency"], cells))
@@ -220,7 +248,8 @@ def gpu_section(data_dir: Path) -> list[str]:
             lines += ["#### Targets (issue 13)", "", *targets(perf, real), ""]
             lines += ["#### Tiny model: every system, same engine arguments", ""]
             lines += [f"Engine arguments: `{json.dumps(perf.get('engine_args', {}))}`", ""]
-            lines += [*throughput_table(perf), "", *latency_table(perf), "", *cpu_table(perf), ""]
+            lines += [*throughput_table(perf), "", *rounds_lines(perf)]
+            lines += [*latency_table(perf), "", *cpu_table(perf), ""]
             lines += _ceiling(perf)
         if real:
             lines += ["#### The real model's shape (random weights, fp16, TP 1, CUDA graphs)", ""]

@@ -176,8 +176,8 @@ def perf(out: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     devstack.build_tiny_model()
     overrides = tiny_overrides(capacity=256, gpu_share=0.30)
     levels = _levels(args.levels, TINY_LEVELS)
-    result = _systems(out, log_dir, args.systems, resolve(PROFILE, overrides), overrides, levels)
-    return result
+    resolved = resolve(PROFILE, overrides)
+    return _systems(out, log_dir, args, resolved, overrides, levels)
 
 
 def real(out: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -185,18 +185,22 @@ def real(out: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     model = real_shape.write(devstack.build_tiny_model(), devstack.CACHE / "models" / "real-shape")
     levels = _levels(args.levels, REAL_LEVELS)
     overrides = real_overrides(model, max(levels))
-    systems = [s for s in args.systems if s != "clients"]
-    return _systems(out, log_dir, systems, resolve(PROFILE, overrides), overrides, levels)
+    args.systems = [s for s in args.systems if s != "clients"]
+    return _systems(out, log_dir, args, resolve(PROFILE, overrides), overrides, levels)
 
 
 def _systems(
     out: Path,
     log_dir: Path,
-    keys: list[str],
+    args: argparse.Namespace,
     resolved: ResolvedProfile,
     overrides: Overrides,
     levels: dict[int, int],
 ) -> dict[str, Any]:
+    """Each system of ``args.systems`` in turn: start, warm, ``args.rounds`` runs of every
+    level, stop. What is measured so far is saved after each system (``args.save``), so a
+    call cut short by the device's time limit still returns it."""
+    keys = args.systems
     ports = {"worker": devstack.free_port(), "router": devstack.free_port()}
     launcher = Launcher(
         log_dir,
@@ -226,12 +230,8 @@ def _systems(
             start_s[key] = _since(started)
             _warm(system, levels)
             for c, n in sorted(levels.items()):
-                before = latency_parts(ports) if key == "a" else {}
-                document, usage, wall = system.run(make_prompts(n, c), c, MAX_TOKENS, f"{key}{c}")
-                rows.append(summarise(key, "gpu", c, document, usage, wall))
-                if before:
-                    rows[-1]["latency_parts_ms"] = latency_delta(before, latency_parts(ports))
-                logger.info("(%s) c=%d: %.0f tok/s", key, c, rows[-1]["tokens_per_s"])
+                for turn in range(args.rounds):
+                    rows.append(_measure(system, key, c, n, turn, ports))
             if key == "a" and len(levels) > 1:
                 profiles = _profile(system, out, max(levels))
             if key == "a" and check_clients:
@@ -242,12 +242,41 @@ def _systems(
             errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
         finally:
             system.stop()
+        args.save(_document(resolved, overrides, levels, start_s, rows, errors, profiles))
+    document = _document(resolved, overrides, levels, start_s, rows, errors, profiles)
     if check_clients:
         widest = max(levels)
         bare_rows = _guarded(errors, "bare", lambda: bare_ceiling(log_dir, widest, levels[widest]))
+        document.update(bare_ceiling=bare_rows, client_check=client_rows)
+    return document
+
+
+def _measure(
+    system: System, key: str, c: int, n: int, turn: int, ports: dict[str, int]
+) -> dict[str, Any]:
+    """One run of ``n`` requests at concurrency ``c`` (round ``turn``; a new seed each)."""
+    before = latency_parts(ports) if key == "a" else {}
+    prompts = make_prompts(n, c + 1000 * turn)
+    document, usage, wall = system.run(prompts, c, MAX_TOKENS, f"{key}{c}r{turn}")
+    row: dict[str, Any] = summarise(key, "gpu", c, document, usage, wall)
+    row["round"] = turn
+    if before:
+        row["latency_parts_ms"] = latency_delta(before, latency_parts(ports))
+    logger.info("(%s) c=%d round %d: %.0f tok/s", key, c, turn, row["tokens_per_s"])
+    return row
+
+
+def _document(
+    resolved: ResolvedProfile,
+    overrides: Overrides,
+    levels: dict[int, int],
+    start_s: dict[str, float],
+    rows: list[dict[str, Any]],
+    errors: dict[str, str],
+    profiles: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "errors": errors,
-        "bare_ceiling": bare_rows if check_clients else [],
         "engine_args": dict(resolved.engine_args),
         "engine_env": dict(resolved.env),
         "worker_flags": worker_flags(overrides),
@@ -256,7 +285,8 @@ def _systems(
         "start_s": start_s,
         "rows": rows,
         "profiles": profiles,
-        "client_check": client_rows,
+        "client_check": [],
+        "bare_ceiling": [],
     }
 
 
@@ -432,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
         help="a ours, d direct, c vLLM OpenAI; clients: our path from 1, 4 and 8 client processes",
     )
     parser.add_argument("--levels", help="concurrency levels, e.g. 1,64")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every level in a row (tables: the median)"
+    )
     parser.add_argument("--tests", default="", help="e2e: a pytest -k expression")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--engine-profile", default=NVIDIA, help="cpu-tiny: a smoke run here")
@@ -445,12 +478,18 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix=f"qs-gpu-{args.phase}-"))
     name = args.phase + (f"-{args.tag}" if args.tag else "")
     started = time.monotonic()
+
+    def save(partial: dict[str, Any]) -> None:
+        partial.update(machine=_machine(), phase=args.phase, wall_s=_since(started), partial=True)
+        (out / f"{name}.json").write_text(json.dumps(partial, indent=1) + "\n")
+
+    args.save = save
     try:
         result = PHASES[args.phase](out, log_dir, args)
     finally:
         with tarfile.open(out / f"{name}-logs.tar.xz", "w:xz") as archive:
             archive.add(log_dir, arcname=name)
-    result.update(machine=_machine(), phase=args.phase, wall_s=_since(started))
+    result.update(machine=_machine(), phase=args.phase, wall_s=_since(started), partial=False)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     logger.info("wrote %s", out / f"{name}.json")
 
