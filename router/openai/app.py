@@ -24,7 +24,7 @@ from aiohttp import web
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import DEADLINE_EXCEEDED, NOT_FOUND, RequestError, invalid
 from router import errors as grpc_errors
-from router import intake, observability
+from router import http_observer, intake
 from router.dispatcher import Dispatcher
 from router.openai import chunks, convert, errors
 from router.openai import protocol as p
@@ -174,7 +174,7 @@ class OpenAIRoutes:
 
     async def _describe(self, request: web.Request, name: str) -> web.StreamResponse:
         route = "/v1/models/{model}" if name else "/v1/models"
-        with observability.http_call("GET", route, request.headers) as call:
+        with http_observer.http_call("GET", route, request.headers) as call:
             try:
                 self.door.authenticate(_headers(request))
                 info = await self.door.model()
@@ -205,7 +205,7 @@ class OpenAIRoutes:
 
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         """Authenticate, convert, open the door, then stream or fold the events."""
-        with observability.http_call("POST", endpoint.route, request.headers) as call:
+        with http_observer.http_call("POST", endpoint.route, request.headers) as call:
             rename: Callable[[str], str] = lambda field: field  # noqa: E731
             try:
                 headers = _headers(request)
@@ -271,7 +271,7 @@ class Reply:
     def __init__(
         self,
         request: web.Request,
-        call: observability.HttpCall,
+        call: http_observer.HttpCall,
         endpoint: Endpoint,
         body: p.ChatCompletionRequest | p.CompletionRequest,
         rename: Callable[[str], str],
