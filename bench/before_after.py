@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, engine_path, stack
+from bench import capacity, engine_path, load_runners, stack
 from bench.procstats import watching
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def ttft_run(versions: dict[str, Path | None], quick: bool) -> dict[str, Any]:
             work.mkdir()
             target = stack.target_of(procs["router"])
             stack.wait_grpc(target, procs["router"])
-            runners[name] = engine_path.ours_runner(target, work)
+            runners[name] = load_runners.ours_runner(target, work)
             runners[name](engine_path.make_prompts(4, seed=998), 4, max_tokens, "warm")
         names = list(stacks)
         for r in range(1 if quick else 2):
