@@ -5,7 +5,8 @@ git worktree (with its gRPC stubs generated) and runs both versions in one run,
 taking turns, so the machine's drift is shared:
 
 1. router path at 1,000 streams on the simulated engine (each version's own router,
-   ``ReplyWriter`` and ``bench.sim_worker``), each round on fresh stacks;
+   ``ReplyWriter`` and ``bench.sim_worker``; from this change on the latter runs the
+   version's own worker loop), each round on fresh stacks;
 2. time to first token on the real CPU engine: two full stacks (Redis, worker,
    router) of the two versions up at once, the calls alternating between them.
 
