@@ -5,7 +5,8 @@ git worktree (with its gRPC stubs generated) and runs both versions in one run,
 taking turns, so the machine's drift is shared:
 
 1. router path at 1,000 streams on the simulated engine (each version's own router,
-   ``ReplyWriter`` and ``bench.sim_worker``), each round on fresh stacks;
+   ``ReplyWriter`` and ``bench.sim_worker``; from this change on the latter runs the
+   version's own worker loop), each round on fresh stacks;
 2. time to first token on the real CPU engine: two full stacks (Redis, worker,
    router) of the two versions up at once, the calls alternating between them.
 
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, engine_path, stack
+from bench import capacity, engine_path, load_runners, stack
 from bench.procstats import watching
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def ttft_run(versions: dict[str, Path | None], quick: bool) -> dict[str, Any]:
             work.mkdir()
             target = stack.target_of(procs["router"])
             stack.wait_grpc(target, procs["router"])
-            runners[name] = engine_path.ours_runner(target, work)
+            runners[name] = load_runners.ours_runner(target, work)
             runners[name](engine_path.make_prompts(4, seed=998), 4, max_tokens, "warm")
         names = list(stacks)
         for r in range(1 if quick else 2):

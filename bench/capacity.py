@@ -1,11 +1,12 @@
 """Benchmark 2, router capacity: client → router → Redis → SIMULATED engine, 1 to 1,000+ streams.
 
 ``bench.sim_worker`` (a simulated engine, not the product) streams ``tokens`` tokens
-per stream at ``rate`` tokens/s through the product's reply writer; the router and
-Redis are the real ones. The ceiling is ``bench.bare_server``, a bare grpc.aio
-server stepping the same tokens to the same client. At each level the two take
-turns with the same ``python -m loadtest --stamped-tokens`` client, which measures
-delivered tokens/s and each token's delay from emit to receipt.
+per stream at ``rate`` tokens/s through the product's worker loop (claims, leases,
+heartbeats, reply writer); the router and Redis are the real ones. The ceiling is
+``bench.bare_server``, a bare grpc.aio server stepping the same tokens to the same
+client. At each level the two take turns with the same ``python -m loadtest
+--stamped-tokens`` client, which measures delivered tokens/s and each token's delay
+from emit to receipt.
 """
 
 from __future__ import annotations

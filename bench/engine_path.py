@@ -28,7 +28,14 @@ from typing import Any
 import psutil
 
 from bench import stack
-from bench.http_load import completion_body
+from bench.load_runners import (
+    Runner,
+    direct_runner,
+    openai_runner,
+    read_marked,
+    vllm_grpc_runner,
+)
+from bench.load_runners import ours_runner as ours_runner  # bench/gpu/run.py imports it here
 from bench.procstats import watching
 from qwen_serve_dev import devstack
 from qwen_serve_dev.devstack import Proc
@@ -83,7 +90,7 @@ class System:
     """Processes measured without their children (a worker without its EngineCore)."""
     target: str = ""
     """Where its clients connect (gRPC host:port or an HTTP base URL)."""
-    runner: Callable[[list[list[int]], int, int, str], dict[str, Any]] | None = None
+    runner: Runner | None = None
     reason: str = ""
     wait: Callable[[], object] = lambda: None
     """Blocks until the system serves."""
@@ -95,98 +102,6 @@ class System:
         with watching(self.pids) as watch, watching(self.own_pids, descendants=False) as own:
             document = self.runner(prompts, concurrency, max_tokens, tag)
         return document, {**watch.usage, **own.usage}, watch.wall_s
-
-
-def _loadgen(
-    target: str, call: str, bodies: list[dict[str, Any]], c: int, work: Path, procs: int = 1
-) -> Any:
-    data, out = work / "data.json", work / "report.json"
-    data.write_text(json.dumps(bodies))
-    args = [
-        *devstack.python_module("loadtest", "--insecure", "--call", call, "-D", str(data)),
-        *("-c", str(c), "-n", str(len(bodies)), "-t", "600s", "-O", "json", "-o", str(out)),
-        *("--procs", str(procs), "--connections", str(max(1, c // 64))),
-        *("--no-progress", target),
-    ]
-    subprocess.run(stack.client_command(args), check=True, env=stack.bench_env())
-    return json.loads(out.read_text())
-
-
-def client_procs(c: int) -> int:
-    """Client processes for ``c`` streams: one per 64 (one Python client tops out first)."""
-    return max(1, min(8, c // 64))
-
-
-def ours_runner(target: str, work: Path, procs: int = 1) -> Callable[..., dict[str, Any]]:
-    """(a): qwen_serve.api.v1.Inference/Generate with token ids (``procs``: 0 scales with c)."""
-
-    def run(prompts: list[list[int]], c: int, max_tokens: int, tag: str) -> dict[str, Any]:
-        sampling = {"maxTokens": max_tokens, "temperature": 0, "ignoreEos": True}
-        bodies = [{"tokenIds": {"ids": p}, "sampling": sampling} for p in prompts]
-        call = "qwen_serve.api.v1.Inference/Generate"
-        return _loadgen(target, call, bodies, c, work, procs or client_procs(c))  # type: ignore[no-any-return]
-
-    return run
-
-
-def vllm_grpc_runner(target: str, work: Path) -> Callable[..., dict[str, Any]]:
-    """(b): vllm.grpc.engine.VllmEngine/Generate with tokenized input."""
-
-    def run(prompts: list[list[int]], c: int, max_tokens: int, tag: str) -> dict[str, Any]:
-        sampling = {"maxTokens": max_tokens, "temperature": 0, "ignoreEos": True}
-        bodies = [
-            {
-                "requestId": f"bench-{tag}-{i}",
-                "tokenized": {"inputIds": p},
-                "samplingParams": sampling,
-                "stream": True,
-            }
-            for i, p in enumerate(prompts)
-        ]
-        return _loadgen(target, "vllm.grpc.engine.VllmEngine/Generate", bodies, c, work)  # type: ignore[no-any-return]
-
-    return run
-
-
-def openai_runner(
-    base_url: str, model: str, work: Path, procs: int = 1
-) -> Callable[..., dict[str, Any]]:
-    """(c): /v1/completions streamed, through bench.http_load (``procs``: 0 scales with c)."""
-
-    def run(prompts: list[list[int]], c: int, max_tokens: int, tag: str) -> dict[str, Any]:
-        data, out = work / "http-data.json", work / "http-report.json"
-        data.write_text(json.dumps([completion_body(model, p, max_tokens) for p in prompts]))
-        args = devstack.python_module(
-            "bench.http_load", "--url", base_url, "-D", str(data), "-c", str(c)
-        )
-        args += ["-n", str(len(prompts)), "-o", str(out)]
-        args += ["--procs", str(procs or client_procs(c))]
-        subprocess.run(stack.client_command(args), check=True, env=stack.bench_env())
-        return json.loads(out.read_text())  # type: ignore[no-any-return]
-
-    return run
-
-
-def direct_runner(proc: subprocess.Popen[str]) -> Callable[..., dict[str, Any]]:
-    """(d): a command to the bench.direct_engine process."""
-
-    def run(prompts: list[list[int]], c: int, max_tokens: int, tag: str) -> dict[str, Any]:
-        command = {"prompts": prompts, "max_tokens": max_tokens, "concurrency": c}
-        command["total"] = len(prompts)
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(command) + "\n")
-        proc.stdin.flush()
-        return json.loads(_read_marked(proc))  # type: ignore[no-any-return]
-
-    return run
-
-
-def _read_marked(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("BENCH "):
-            return line[6:]
-    raise RuntimeError(f"bench.direct_engine exited ({proc.poll()})")
 
 
 def smg_problem(python: str) -> str:
@@ -311,7 +226,7 @@ class Launcher:
         system = System("d", "AsyncLLM in-process (floor)", runner=direct_runner(proc))
         system.pids = {"direct": proc.pid}
         system.own_pids = {"direct-own": proc.pid}
-        system.wait = functools.partial(_read_marked, proc)
+        system.wait = functools.partial(read_marked, proc)
         system.stop = lambda: _stop_direct(proc)
         return system
 

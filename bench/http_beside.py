@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -42,7 +43,7 @@ class GrpcDoor:
         """Nothing here: the router checks the forwarded key."""
         return ""
 
-    def open(
+    async def open(
         self, request: intake.Request, tenant: str, headers: Headers, timeout: float | None
     ) -> Stream:
         """The router's events; a status before them becomes an Error event."""
@@ -54,7 +55,7 @@ class GrpcDoor:
         return self._events(call)
 
     @staticmethod
-    async def _events(call: grpc.aio.UnaryStreamCall) -> Stream:
+    async def _events(call: grpc.aio.UnaryStreamCall) -> AsyncGenerator[pb.ChatEvent, None]:
         try:
             async for event in call:
                 yield event

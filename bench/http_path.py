@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import engine_path, http_placement, stack
+from bench import engine_path, http_placement, load_runners, stack
 from bench.engine_path import System, Workload
 from qwen_serve_dev import devstack
 from qwen_serve_dev.devstack import Proc
@@ -97,14 +97,14 @@ def systems(ours: Ours, vllm: Proc, model: str, work: Path) -> dict[str, System]
     """The four systems, with the processes whose CPU each one costs."""
     core = {n: ours.procs[n].popen.pid for n in ("router", "redis", "worker")}
     a = System("a", "ours, gRPC (Inference/Generate)", dict(core))
-    a.runner = engine_path.ours_runner(ours.grpc_target, work)
+    a.runner = load_runners.ours_runner(ours.grpc_target, work)
     h = System("h", "ours, HTTP in the router (/v1/completions)", dict(core))
-    h.runner = engine_path.openai_runner(ours.http_url, model, work)
+    h.runner = load_runners.openai_runner(ours.http_url, model, work)
     g = System("g", "ours, HTTP beside the router (prototype gateway)", dict(core))
     g.pids["beside"] = ours.procs["beside"].popen.pid
-    g.runner = engine_path.openai_runner(ours.beside_url, model, work)
+    g.runner = load_runners.openai_runner(ours.beside_url, model, work)
     c = System("c", "vLLM OpenAI server (/v1/completions)", {"vllm-openai": vllm.popen.pid})
-    c.runner = engine_path.openai_runner(stack.target_of(vllm), model, work)
+    c.runner = load_runners.openai_runner(stack.target_of(vllm), model, work)
     return {s.key: s for s in (a, h, g, c)}
 
 

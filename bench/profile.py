@@ -1,8 +1,8 @@
 """py-spy profiles of the router and the simulated worker under load (hot-path findings).
 
 ``python -m bench profile --streams 1000`` starts the capacity stack, drives it
-with the load generator and records the router and the simulated worker (whose
-reply path is the product's ``ReplyWriter`` and ``WorkerQueue.send``) with
+with the load generator and records the router and the simulated worker (the
+product's worker loop, ``worker.service.Worker``, on a simulated engine) with
 ``py-spy record --format raw``. The collapsed stacks are summarised by function:
 self samples (where the time is spent) and inclusive samples (what it is spent
 under).

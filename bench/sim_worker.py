@@ -1,14 +1,14 @@
 """SIMULATED ENGINE for router-capacity benchmarks only: never the product, never in tests.
 
-``python -m bench.sim_worker --redis-url URL --tokens 64 --rate 20`` joins the job
-queue like a real worker (``WorkerQueue`` claims, heartbeats, acknowledges) and
-answers every job with Started, ``--tokens`` Deltas at ``--rate`` tokens per second
-per stream, Finished and Usage, through the product's ``ReplyWriter`` (coalescing,
-pipelined XADD). Like a real engine's decode step, one ticker emits the next token
-of every running stream at once. Each Delta's text is the emit time
-(``time.monotonic_ns()``), so ``python -m loadtest --stamped-tokens`` measures the
-delivery delay of every token through router and Redis. In the spirit of llm-d's
-inference simulator; the prompt is ignored.
+``python -m bench.sim_worker --redis-url URL --tokens 64 --rate 20`` runs the product's
+worker loop (``worker.service.Worker``: claims, leases, abort markers, heartbeats,
+acknowledgements, the coalescing ``ReplyWriter``) on :class:`SimEngine`, which answers
+every job with ``--tokens`` Deltas at ``--rate`` tokens per second per stream, Finished
+and Usage. Like a real engine's decode step, one ticker emits the next token of every
+running stream at once. Each Delta's text is the emit time (``time.monotonic_ns()``),
+so ``python -m loadtest --stamped-tokens`` measures the delivery delay of every token
+through worker, Redis and router. In the spirit of llm-d's inference simulator; the
+prompt is ignored.
 """
 
 from __future__ import annotations
@@ -16,34 +16,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, field
 
 from qwen_serve import aio
 from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.queue.broker import QueueUnavailable, WorkerQueue, worker_queue
-from qwen_serve.queue.codec import Job, WorkerStatus
-from qwen_serve.settings import SharedSettings, new_id
-from worker.replies import ReplyWriter
+from qwen_serve.queue.broker import worker_queue
+from qwen_serve.queue.codec import Job
+from qwen_serve.settings import WorkerSettings, new_id
+from worker.service import Worker
 
 logger = logging.getLogger(__name__)
 
 SIM_MODEL = "sim-engine"
-
-
-@dataclass
-class SimStream:
-    """One simulated generation in flight."""
-
-    entry_id: bytes
-    request_id: str
-    reply_stream: str
-    remaining: int
-    sent: int = 0
+CLAIM_BLOCK_MS = 100
+DRAIN_GRACE_S = 1.0
+"""A benchmark stops its worker between loads, with nothing left to finish."""
 
 
 @dataclass(frozen=True)
@@ -76,85 +68,79 @@ def delta(index: int) -> pb.ChatEvent:
     )
 
 
-def closing_events(tokens: int) -> list[pb.ChatEvent]:
+def closing_events(
+    tokens: int, reason: pb.FinishReason = pb.FINISH_REASON_LENGTH
+) -> list[pb.ChatEvent]:
     """Finished and Usage of a stream of ``tokens`` tokens."""
     return [
-        pb.ChatEvent(finished=pb.Finished(index=0, reason=pb.FINISH_REASON_LENGTH)),
+        pb.ChatEvent(finished=pb.Finished(index=0, reason=reason)),
         pb.ChatEvent(usage=pb.Usage(prompt_tokens=8, completion_tokens=tokens)),
     ]
 
 
-class SimWorker:
-    """Claims jobs and streams simulated tokens for them."""
+@dataclass
+class SimRequest:
+    """One simulated generation in flight: what the ticker emitted and its reader has not."""
 
-    def __init__(self, queue: WorkerQueue, worker_id: str, config: SimConfig) -> None:
-        self.queue = queue
+    remaining: int
+    sent: int = 0
+    aborted: bool = False
+    ended: bool = False
+    pending: deque[pb.ChatEvent] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def emit(self, events: list[pb.ChatEvent]) -> None:
+        """Hand ``events`` to the reader."""
+        self.pending.extend(events)
+        self.ready.set()
+
+
+class SimEngine:
+    """The worker's ``EngineLike`` (worker/service.py) without a model: paced tokens.
+
+    :meth:`step_loop` is the decode loop; run it beside the worker.
+    """
+
+    def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.worker_id = worker_id
-        self.writer = ReplyWriter(queue, worker_id, config.coalesce_ms / 1000)
-        self.status = WorkerStatus(worker_id=worker_id, capacity=config.capacity)
-        self.status.model.CopyFrom(model_info(config.capacity))
-        self.active: dict[str, SimStream] = {}
-        self.stopping = asyncio.Event()
-        self.emitted = 0
-        self._bookkeeping: asyncio.Queue[Callable[[], Awaitable[object]]] = asyncio.Queue()
+        self.active: dict[str, SimRequest] = {}
 
-    async def run(self) -> None:
-        """Serve until stop() is called."""
-        await self.queue.ensure_group()
-        await self.queue.heartbeat(self.status)
-        tasks = [
-            asyncio.create_task(coro)
-            for coro in (
-                self.writer.run(),
-                self._heartbeat_loop(),
-                self._step_loop(),
-                self._bookkeeping_loop(),
-            )
-        ]
-        try:
-            await self._claim_loop()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(QueueUnavailable):
-                await self.queue.leave()
-
-    def stop(self) -> None:
-        """Stop claiming and leave."""
-        self.stopping.set()
-
-    async def _claim_loop(self) -> None:
-        while not self.stopping.is_set():
-            free = self.config.capacity - len(self.active)
-            if free <= 0:
-                await asyncio.sleep(0.01)
-                continue
-            try:
-                claimed = await self.queue.claim(free, 100)
-            except QueueUnavailable as exc:
-                logger.warning("cannot claim: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for entry_id, job in claimed:
-                self._start(entry_id, job)
-
-    def _start(self, entry_id: bytes, job: Job | None) -> None:
-        if job is None:
-            self._ack(entry_id)
+    async def run(
+        self, request_id: str, job: Job, wanted: Awaitable[bool]
+    ) -> AsyncGenerator[pb.ChatEvent, None]:
+        """Stream one job's events as the ticker emits them (nothing if not ``wanted``)."""
+        if not await wanted:
             return
-        rid = job.request_id
-        # The product worker's per-job round trip before its first token (its started
-        # marker goes with the first reply flush), one at a time on one connection.
-        self._bookkeeping.put_nowait(functools.partial(self.queue.is_aborted, rid))
-        started = pb.Started(request_id=rid, model=SIM_MODEL)
-        self.writer.put(job.request_id, job.reply_stream, pb.ChatEvent(started=started))
-        self.active[job.request_id] = SimStream(
-            entry_id, job.request_id, job.reply_stream, self.config.tokens
-        )
+        request = SimRequest(self.config.tokens)
+        self.active[request_id] = request
+        try:
+            while not (request.ended and not request.pending):
+                if not request.pending:
+                    request.ready.clear()
+                    await request.ready.wait()
+                while request.pending:
+                    yield request.pending.popleft()
+        finally:
+            self.active.pop(request_id, None)
 
-    async def _step_loop(self) -> None:
+    async def abort(self, request_id: str) -> None:
+        """End the request at the next step, with Finished (abort), as vLLM does."""
+        request = self.active.get(request_id)
+        if request is not None:
+            request.aborted = True
+
+    def num_unfinished(self) -> int:
+        """Requests generating now."""
+        return len(self.active)
+
+    def model_info(self) -> pb.ModelInfo:
+        """The simulated model."""
+        return model_info(self.config.capacity)
+
+    async def check_health(self) -> None:
+        """Always healthy."""
+
+    async def step_loop(self) -> None:
         """One decode step per 1/rate s: the next token of every active stream."""
         interval = 1.0 / self.config.rate
         next_step = time.monotonic()
@@ -168,55 +154,55 @@ class SimWorker:
             self._step()
 
     def _step(self) -> None:
-        done: list[SimStream] = []
-        for stream in self.active.values():
-            self.writer.put(stream.request_id, stream.reply_stream, delta(stream.sent))
-            stream.sent += 1
-            stream.remaining -= 1
-            if stream.remaining <= 0:
-                done.append(stream)
-        self.emitted += len(self.active)
-        for stream in done:
-            for event in closing_events(stream.sent):
-                self.writer.put(stream.request_id, stream.reply_stream, event)
-            del self.active[stream.request_id]
-            self._ack(stream.entry_id)
-
-    def _ack(self, entry_id: bytes) -> None:
-        self._bookkeeping.put_nowait(functools.partial(self.queue.finish, entry_id))
-
-    async def _bookkeeping_loop(self) -> None:
-        """Per-job Redis calls in order (concurrent ones would exhaust redis-py's pool)."""
-        while True:
-            call = await self._bookkeeping.get()
-            try:
-                await call()
-            except QueueUnavailable as exc:
-                logger.warning("bookkeeping call failed: %s", exc)
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.status.running = len(self.active)
-            try:
-                await self.queue.heartbeat(self.status)
-            except QueueUnavailable as exc:
-                logger.warning("heartbeat failed: %s", exc)
+        for request in self.active.values():
+            if request.ended:
+                continue
+            if request.aborted:
+                request.ended = True
+                request.emit(closing_events(request.sent, pb.FINISH_REASON_ABORT))
+                continue
+            events = [delta(request.sent)]
+            request.sent += 1
+            request.remaining -= 1
+            if request.remaining <= 0:
+                request.ended = True
+                events += closing_events(request.sent)
+            request.emit(events)
 
 
-async def serve(settings: SharedSettings, config: SimConfig, worker_id: str) -> None:
+def worker_settings(redis_url: str, key_prefix: str, config: SimConfig) -> WorkerSettings:
+    """The settings the simulated worker runs the product's loop with."""
+    return WorkerSettings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        worker_id=new_id("simworker"),
+        coalesce_ms=config.coalesce_ms,
+        claim_block_ms=CLAIM_BLOCK_MS,
+        drain_grace_s=DRAIN_GRACE_S,
+    )
+
+
+async def serve(settings: WorkerSettings, config: SimConfig) -> None:
     """Run one simulated worker until SIGTERM or SIGINT."""
-    queue = worker_queue(settings, worker_id, block_ms=100)
-    sim = SimWorker(queue, worker_id, config)
+    queue = worker_queue(settings, settings.worker_id, settings.claim_block_ms)
+    engine = SimEngine(config)
+    worker = Worker(settings, engine, queue, capacity=config.capacity)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sim.stop)
+        loop.add_signal_handler(sig, worker.drain)
     logger.info(
-        "SIMULATED worker %s: %d tokens at %.0f tok/s", worker_id, config.tokens, config.rate
+        "SIMULATED worker %s: %d tokens at %.0f tok/s",
+        settings.worker_id,
+        config.tokens,
+        config.rate,
     )
+    steps = asyncio.create_task(engine.step_loop())
     try:
-        await sim.run()
+        await worker.run()
     finally:
+        steps.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await steps
         await queue.close()
 
 
@@ -231,9 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coalesce-ms", type=float, default=2.0, help="ReplyWriter window")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = SharedSettings(redis_url=args.redis_url, key_prefix=args.key_prefix)
     config = SimConfig(args.tokens, args.rate, args.capacity, args.coalesce_ms)
-    aio.run(serve(settings, config, new_id("simworker")))
+    aio.run(serve(worker_settings(args.redis_url, args.key_prefix, config), config))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Batched submission and reply demultiplexing for one router.
 
 A request passes admission (router/admission.py), is placed (router/placement.py)
-and queued by the submit task, which writes jobs in pipelined batches; the
+and queued by the submit task, which writes jobs in pipelined batches
+(``Dispatcher.open`` returns once its job is written: a ``JobStream``); the
 reader task reads this router's reply stream and routes each reply to the
 request's channel (router/channels.py fences it). The cluster monitor keeps
 the router's heartbeat and its view of the workers (router/cluster.py). A
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from qwen_serve.aio import Tasks
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 TRIM_EVERY_S = 1.0
 RETRY_S = 0.2
 
-__all__ = ["Dispatcher", "is_terminal"]
+__all__ = ["Dispatcher", "JobStream", "is_terminal"]
 
 
 Written = tuple[bytes, int]
@@ -116,32 +117,37 @@ class Dispatcher:
         """Raise a RequestError unless a new request of ``tenant`` can be taken now."""
         self.admission.check(self.view, self.inflight, self.cluster.queue_depth, tenant)
 
-    async def stream(self, job: Job) -> AsyncGenerator[pb.ChatEvent, None]:
-        """Submit ``job`` and yield its events up to the terminal one.
+    async def open(self, job: Job) -> JobStream:
+        """Take ``job``'s tenant slots, place it and queue it; its events from now on.
 
-        Leaving early (client cancel, deadline, error) aborts the request.
+        The job is written to Redis when this returns. RequestError if a tenant limit
+        refuses it, or if Redis stays unreachable beyond the outage bound; a failure or
+        a cancellation here gives back what was taken. The caller closes the stream.
         """
         await self.admission.enter(job)
         channel = Channel(job)
         self.channels[job.request_id] = channel
-        finished = False
         try:
             placed = self.placer.place(channel, self.view.workers)
             channel.entry_id, channel.mark = await self.submit(job, placed=placed)
-            while True:
-                event = await channel.events.get()
-                yield event
-                if is_terminal(event):
-                    finished = event.HasField("usage")
-                    if finished:
-                        self.admission.charge(job.tenant, event.usage)
-                    return
-        finally:
-            self.channels.pop(job.request_id, None)
-            self.placer.ended(channel)
-            self.admission.leave(job)
-            if not finished:
-                self._aborts.put_nowait((job.request_id, job.tenant))
+        except BaseException:
+            self.release(job, channel, None)
+            raise
+        return JobStream(self, job, channel)
+
+    def release(self, job: Job, channel: Channel, usage: pb.Usage | None) -> None:
+        """``job``'s stream has ended: with its Usage (finished) or without (abort it).
+
+        The tokens are charged to the tenant, and the channel, the placement and the
+        admission slots are given back.
+        """
+        if usage is not None:
+            self.admission.charge(job.tenant, usage)
+        self.channels.pop(job.request_id, None)
+        self.placer.ended(channel)
+        self.admission.leave(job)
+        if usage is None:
+            self._aborts.put_nowait((job.request_id, job.tenant))
 
     async def abort(self, request_id: str, tenant: str = "") -> bool:
         """Abort a request of ``tenant`` wherever it runs; True if this router streams it.
@@ -293,6 +299,42 @@ class Dispatcher:
     async def _trim_quietly(self, upto: bytes) -> None:
         with contextlib.suppress(QueueUnavailable):
             await self.queue.trim_replies(upto)
+
+
+class JobStream:
+    """The events of one queued job, up to its terminal one (:meth:`Dispatcher.open`).
+
+    Whoever opened it closes it (``aclose``, or ``contextlib.aclosing``): closing it
+    before the terminal event (a client that went away, a deadline, an error) aborts
+    the request. Either way the dispatcher releases the job once.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, job: Job, channel: Channel) -> None:
+        self._dispatcher = dispatcher
+        self._job = job
+        self._channel = channel
+        self._ended = False
+
+    def __aiter__(self) -> JobStream:
+        return self
+
+    async def __anext__(self) -> pb.ChatEvent:
+        """The next event; the terminal one (Usage or Error) ends the stream."""
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._channel.events.get()
+        if is_terminal(event):
+            self._end(event.usage if event.HasField("usage") else None)
+        return event
+
+    async def aclose(self) -> None:
+        """Leave the stream; the request is aborted unless it has ended."""
+        if not self._ended:
+            self._end(None)
+
+    def _end(self, usage: pb.Usage | None) -> None:
+        self._ended = True
+        self._dispatcher.release(self._job, self._channel, usage)
 
 
 def _error_event(code: int, message: str, retryable: bool) -> pb.ChatEvent:

@@ -1,16 +1,18 @@
 """The gRPC edge: qwen_serve.api.v1.Inference on top of the Dispatcher.
 
-Each RPC authenticates (API key → tenant), validates, admits, builds a Job
-and relays events. A failure before the worker's Started event becomes a
-gRPC status; after it, the Error event is the stream's last event and the
-call then ends with the same failure as its status (so meshes count it).
+Each RPC authenticates (API key → tenant), then hands the request to the shared
+intake (router/intake.py: validation, admission and the model's limits in one
+call, then the job, queued before the RPC waits for anything) and relays events.
+A failure before the worker's Started event becomes a gRPC status; after it, the
+Error event is the stream's last event and the call then ends with the same
+failure as its status (so meshes count it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
@@ -19,7 +21,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve.errors import UNAVAILABLE, RequestError
 from router import errors, intake, observability, validation
-from router.dispatcher import Dispatcher
+from router.dispatcher import Dispatcher, JobStream
 from router.security import Authenticator
 
 logger = logging.getLogger(__name__)
@@ -76,19 +78,20 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
         Before Started the failure is only the status. After it, the Error event is
         relayed first, then the call ends with its code and details. Events go
         straight from the dispatcher's channel to gRPC (one generator in between),
-        each observed for the call's span and metrics.
+        each observed for the call's span and metrics. Leaving early (the client
+        went away, the deadline passed) closes the stream, which aborts the request.
         """
         try:
-            stream = self._open(request, context)
-            first = await intake.accepted(stream)
+            stream = await self._open(request, context)
+            first = await intake.accepted(stream)  # closes the stream if it raises
         except RequestError as exc:
             await errors.abort(context, exc)
             return
-        observe = observability.observer()
-        observe(first)
-        yield first
         failure = None
-        async with contextlib.aclosing(stream):
+        async with contextlib.aclosing(stream):  # entered at once: nothing awaited since
+            observe = observability.observer()
+            observe(first)
+            yield first
             async for event in stream:
                 observe(event)
                 yield event
@@ -97,12 +100,13 @@ class InferenceServicer(serve_pb2_grpc.InferenceServicer):
         if failure is not None:
             await errors.abort(context, failure)
 
-    def _open(
+    async def _open(
         self, request: pb.ChatRequest | pb.GenerateRequest, context: Context
-    ) -> AsyncGenerator[pb.ChatEvent, None]:
-        """Authenticate, then the shared intake (RequestError if any of it fails)."""
+    ) -> JobStream:
+        """Authenticate, then the shared intake: the job is queued when this returns
+        (RequestError if any of it fails)."""
         metadata = context.invocation_metadata() or ()
-        return intake.open_stream(
+        return await intake.open_stream(
             self.dispatcher,
             request,
             tenant=self.auth.tenant(metadata),

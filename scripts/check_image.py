@@ -40,7 +40,12 @@ STUBS = (
 )
 ROUTER_MODULES = ("router.__main__", "router.server", "qwen_serve.api.v1.serve_pb2_grpc")
 STUB_MODULES = ("qwen_serve.api.v1.serve_pb2", "qwen_serve.queue.v1.queue_pb2")
-DEV_ONLY_WORKER_MODULES = ("worker.tiny_model",)
+DEV_ONLY_WORKER_MODULES = (
+    "worker.tiny_model",
+    "worker.tiny_model_spec",
+    "worker.tiny_model_tokenizer",
+    "worker.tiny_model_weights",
+)
 """Worker modules the production image does not need to import (development tools)."""
 FORBIDDEN_IN_ROUTER = ("torch", "vllm", "transformers")
 

@@ -4,8 +4,9 @@ A profile is a named, frozen set of engine settings. :class:`Overrides` changes
 some of them for one deployment (model path, context length, MTP, ...).
 :func:`resolve` turns the pair into a :class:`ResolvedProfile`: the keyword
 arguments for ``vllm.AsyncEngineArgs``, the environment variables that must be
-set before the engine starts, and what the worker reports about itself (parser
-names, limits). This module does not import vLLM.
+set before the engine starts (both translated by ``worker/profile_args.py``), and
+what the worker reports about itself (parser names, limits). Neither module imports
+vLLM.
 
 Profiles:
 
@@ -45,13 +46,13 @@ for any other ``AsyncEngineArgs`` field, applied last.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal
+
+from worker.profile_args import async_engine_args, process_env
 
 if TYPE_CHECKING:
     from qwen_serve.settings import WorkerSettings
@@ -62,8 +63,6 @@ CPU_TINY: Final = "cpu-tiny"
 ROCM_TP4: Final = "rocm-tp4"
 NVIDIA: Final = "nvidia"
 DEFAULT_TINY_MODEL_DIR: Final = ".cache/tiny-qwen3.5"
-KV_CACHE_ENV: Final = "VLLM_CPU_KVCACHE_SPACE"
-MTP_METHOD: Final = "mtp"
 
 Device = Literal["cpu", "gpu"]
 SchedulingPolicy = Literal["priority", "fcfs"]
@@ -104,14 +103,6 @@ class EngineProfile:
     flashinfer_fallback: bool = False
     """Select vLLM's Triton kernels when the flashinfer package is missing (NVIDIA)."""
     extra_engine_args: Mapping[str, Any] = field(default_factory=dict)
-
-
-FLASHINFER_FALLBACK_ARGS: Final[Mapping[str, Any]] = MappingProxyType(
-    {"gdn_prefill_backend": "triton"}
-)
-FLASHINFER_FALLBACK_ENV: Final[Mapping[str, str]] = MappingProxyType(
-    {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
-)
 
 
 @dataclass(frozen=True)
@@ -312,66 +303,6 @@ def _check(changes: Mapping[str, Any]) -> None:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
 
 
-def _engine_args(profile: EngineProfile) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "model": profile.model,
-        "served_model_name": profile.served_model_name,
-        "dtype": profile.dtype,
-        "max_model_len": profile.max_model_len,
-        "tensor_parallel_size": profile.tensor_parallel_size,
-        "limit_mm_per_prompt": {"image": profile.max_images_per_prompt},
-        # No multimodal processor cache: its frontend half records an image as sent to
-        # the engine as soon as the image is processed, so a request refused after that
-        # (prompt too long, aborted while rendering) leaves it out of step with the
-        # engine's half, and the next request with that image fails in the engine.
-        "mm_processor_cache_gb": 0,
-        "enable_prefix_caching": profile.enable_prefix_caching,
-        "reasoning_parser": profile.reasoning_parser,
-        "scheduling_policy": profile.scheduling_policy,
-    }
-    if profile.max_num_seqs is not None:
-        args["max_num_seqs"] = profile.max_num_seqs
-    if profile.gpu_memory_utilization is not None and profile.device == "gpu":
-        args["gpu_memory_utilization"] = profile.gpu_memory_utilization
-    if profile.enforce_eager:
-        args["enforce_eager"] = True
-    if profile.skip_mm_profiling:
-        args["skip_mm_profiling"] = True
-    # One grammar backend: vLLM's engine compiles every constraint with the backend of the
-    # first one it sees, so "auto" (validate with xgrammar, fall back to guidance) let a
-    # constraint that only guidance accepted fail in xgrammar's compiler, in the engine.
-    structured: dict[str, Any] = {"backend": "xgrammar"}
-    if profile.structured_output_in_reasoning:
-        structured["enable_in_reasoning"] = True
-    args["structured_outputs_config"] = structured
-    if profile.mtp_tokens > 0:
-        args["speculative_config"] = {
-            "method": MTP_METHOD,
-            "num_speculative_tokens": profile.mtp_tokens,
-        }
-    if _flashinfer_missing(profile):
-        args.update(FLASHINFER_FALLBACK_ARGS)
-    args.update(profile.extra_engine_args)
-    return args
-
-
-def _flashinfer_missing(profile: EngineProfile) -> bool:
-    return profile.flashinfer_fallback and importlib.util.find_spec("flashinfer") is None
-
-
-def _env(profile: EngineProfile) -> dict[str, str]:
-    if _flashinfer_missing(profile):
-        return dict(FLASHINFER_FALLBACK_ENV)
-    if profile.device != "cpu" or profile.kv_cache_gib is None:
-        return {}
-    gib = math.ceil(profile.kv_cache_gib)
-    if gib != profile.kv_cache_gib:
-        logger.warning(
-            "%s takes whole GiB: using %d for %s", KV_CACHE_ENV, gib, profile.kv_cache_gib
-        )
-    return {KV_CACHE_ENV: str(gib)}
-
-
 DEPLOYMENT_ARG_NAMES: Final = (
     "model",
     "served_model_name",
@@ -389,14 +320,14 @@ def resolve(profile: EngineProfile | str, overrides: Overrides | None = None) ->
     """Apply ``overrides`` to ``profile`` (or the profile of that name)."""
     base = get_profile(profile) if isinstance(profile, str) else profile
     effective = apply_overrides(base, overrides)
-    args = _engine_args(effective)
+    args = async_engine_args(effective)
     chosen = set(overrides.extra_engine_args) if overrides else set()
     if overrides is not None:
         chosen.update(n for n in DEPLOYMENT_ARG_NAMES if getattr(overrides, n) is not None)
     return ResolvedProfile(
         profile=effective,
         engine_args=MappingProxyType(args),
-        env=MappingProxyType(_env(effective)),
+        env=MappingProxyType(process_env(effective)),
         deployment_args=MappingProxyType({k: args[k] for k in sorted(chosen) if k in args}),
     )
 

@@ -57,209 +57,33 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-    from torch import Tensor
+from worker.tiny_model_spec import (
+    ADDED_TOKENS,
+    BPE_VOCAB_SIZE,
+    CHAT_TEMPLATE_PATH,
+    IMAGE_PROCESSOR,
+    SEED,
+    VIDEO_PROCESSOR,
+    generation_config,
+    model_config,
+    tokenizer_config,
+)
+from worker.tiny_model_tokenizer import build_tokenizer, training_corpus
+from worker.tiny_model_weights import write_weights
 
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION: Final = 1  # bump whenever the build logic changes
-SEED: Final = 20260311
 STAMP_NAME: Final = "tiny_model_stamp.json"
-CHAT_TEMPLATE_PATH: Final = Path(__file__).resolve().parent / "assets" / "chat_template.jinja"
-BPE_VOCAB_SIZE: Final = 3000  # incl. the 256-symbol byte alphabet
-VOCAB_MULTIPLE: Final = 64
 OUTPUT_FILES: Final = (
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
     "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
     "video_preprocessor_config.json",
 )  # fmt: skip
-# Qwen3.5's pre-tokenizer split (transformers' Qwen3_5Tokenizer, which AutoTokenizer
-# uses for qwen3_5_moe and which rebuilds the pipeline from tokenizer.json's vocab/merges).
-PRETOKENIZE_REGEX: Final = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Qwen's added tokens in Qwen's id order; True = special (dropped by skip_special_tokens).
-ADDED_TOKENS: Final[tuple[tuple[str, bool], ...]] = (
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True),
-    ("<|box_start|>", True), ("<|box_end|>", True),
-    ("<|quad_start|>", True), ("<|quad_end|>", True),
-    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
-    ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False),
-    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-    ("<tool_response>", False), ("</tool_response>", False),
-    ("<think>", False), ("</think>", False),
-)  # fmt: skip
-# fmt: off
-TEXT_CONFIG: Final[dict[str, Any]] = {
-    "model_type": "qwen3_5_moe_text", "dtype": "bfloat16", "hidden_size": 128,
-    "num_hidden_layers": 4, "full_attention_interval": 4,
-    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "attn_output_gate": True,
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 128,
-    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "mamba_ssm_dtype": "float32",
-    "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-    "shared_expert_intermediate_size": 64, "router_aux_loss_coef": 0.001, "mlp_only_layers": [],
-    "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False,
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-    "initializer_range": 0.02, "tie_word_embeddings": False,
-    "rope_parameters": {
-        "rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
-        "mrope_interleaved": True, "mrope_section": [3, 3, 2],
-    },
-}
-VISION_CONFIG: Final[dict[str, Any]] = {
-    "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
-    "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16,
-    "temporal_patch_size": 2, "spatial_merge_size": 2,
-    "out_hidden_size": 128,  # = text hidden_size
-    "num_position_embeddings": 256,  # a 16 x 16 grid, interpolated per image
-    "deepstack_visual_indexes": [], "initializer_range": 0.02,
-}
-_TOKEN_PIXELS: Final = (16 * 2) ** 2  # pixels per vision token: (patch_size * merge_size) ** 2
-_VISION_COMMON: Final[dict[str, Any]] = {
-    "processor_class": "Qwen3VLProcessor", "patch_size": 16, "temporal_patch_size": 2,
-    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    "do_convert_rgb": True,
-}
-IMAGE_PROCESSOR: Final[dict[str, Any]] = _VISION_COMMON | {
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "size": {"shortest_edge": 8 * _TOKEN_PIXELS, "longest_edge": 128 * _TOKEN_PIXELS},
-}
-VIDEO_PROCESSOR: Final[dict[str, Any]] = _VISION_COMMON | {
-    "video_processor_type": "Qwen3VLVideoProcessor",
-    "size": {"shortest_edge": 4 * _TOKEN_PIXELS, "longest_edge": 256 * _TOKEN_PIXELS},
-    "fps": 2, "min_frames": 2, "max_frames": 16, "do_sample_frames": True,
-    "cap_pixels_per_frame": True,
-}
-# Qwen3.5 model card, thinking mode / general tasks (as in the repo's generation_config.json).
-SAMPLING_DEFAULTS: Final[dict[str, Any]] = {
-    "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 20,
-}
-# fmt: on
-_WORD_TEXT: Final = """
-the a an and or but if then else when while for with without into onto from over under
-about after before between through during against among around within across toward
-server client request response queue stream worker router model token tokenizer engine
-message reply prompt answer question image picture video frame pixel patch vision text
-function call tool result error status code value key field object array string number
-boolean null true false list dict map set tuple type class method module package import
-return yield await async def lambda print assert raise except finally try with as pass
-weather city country temperature unit celsius fahrenheit forecast rain snow wind sunny
-search query document page file path folder directory name title author date time zone
-user assistant system developer thinking reasoning content role tools arguments parameters
-quick brown fox jumps lazy dog river mountain forest ocean island valley desert garden
-small large tiny huge fast slow early late new old first last next previous other same
-read write open close start stop begin end create delete update insert select remove
-build test deploy run serve load save parse format render encode decode compute measure
-simple complex random fixed stable deterministic parallel serial local remote public
-memory cache buffer batch sequence length size limit budget timeout retry backoff latency
-"""
-
-
-def training_corpus() -> Iterator[str]:
-    """Yield the deterministic tokenizer-training corpus: English, Python, JS, JSON, tool XML."""
-    words = _WORD_TEXT.split()
-    n = len(words)
-    for i in range(600):
-        w = [words[(i * k + k * k) % n] for k in (3, 7, 11, 13, 17, 19, 23)]
-        yield f"{w[0].capitalize()} {w[1]} {w[2]}s {w[3]}ing, {w[4].upper()} {w[5]}ed {w[6]}."
-    for i in range(200):
-        a, b, c = words[(i * 5) % n], words[(i * 9 + 1) % n], words[(i * 31 + 2) % n]
-        yield (
-            f"def {a}_{b}({c}: str, limit: int = {i}) -> dict[str, int]:\n"
-            f'    """{a.capitalize()} the {b} of {c}."""\n'
-            f'    return {{"{c}": len({c}) + {i % 10}}}\n'
-        )
-        yield f"class {a.capitalize()}{b.capitalize()}:\n    {c}_{a}: int = {i}\n"
-        yield json.dumps({"name": f"{a}_{b}", "arguments": {c: f"{a} {b}", "n": i, "ok": i % 2}})
-        yield f"<function={a}_{b}>\n<parameter={c}>\n{b} {a}\n</parameter>\n</function>"
-        yield f"const {a}{b.capitalize()} = await fetch(`/{a}/{b}?{c}=${{id}}`);"
-
-
-def build_tokenizer() -> Tokenizer:
-    """Train the byte-level BPE and append Qwen's added tokens (deterministic)."""
-    import tokenizers as tk
-
-    pre = tk.pre_tokenizers
-    tokenizer = tk.Tokenizer(tk.models.BPE())
-    tokenizer.normalizer = tk.normalizers.NFC()
-    tokenizer.pre_tokenizer = pre.Sequence(
-        [
-            pre.Split(tk.Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = tk.decoders.ByteLevel()
-    tokenizer.post_processor = tk.processors.ByteLevel(trim_offsets=False)
-    trainer = tk.trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(training_corpus(), trainer)
-    if tokenizer.get_vocab_size() != BPE_VOCAB_SIZE:
-        raise RuntimeError(f"BPE vocab {tokenizer.get_vocab_size()} != {BPE_VOCAB_SIZE}")
-    for content, special in ADDED_TOKENS:  # one at a time: keeps Qwen's id order
-        token = tk.AddedToken(content, special=special, normalized=False)
-        (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
-    return tokenizer
-
-
-def token_ids() -> dict[str, int]:
-    """Ids of the added tokens (they follow the BPE vocab in ``ADDED_TOKENS`` order)."""
-    return {content: BPE_VOCAB_SIZE + i for i, (content, _) in enumerate(ADDED_TOKENS)}
-
-
-def model_vocab_size() -> int:
-    """The model's (padded) vocab size: tokenizer size rounded up to ``VOCAB_MULTIPLE``."""
-    size = BPE_VOCAB_SIZE + len(ADDED_TOKENS)
-    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def model_config() -> dict[str, Any]:
-    """The ``Qwen3_5MoeConfig`` kwargs (text/vision nesting as in Qwen3.5-35B-A3B)."""
-    ids = token_ids()
-    return {
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "text_config": TEXT_CONFIG
-        | {"vocab_size": model_vocab_size(), "eos_token_id": ids["<|endoftext|>"]},
-        "vision_config": dict(VISION_CONFIG),
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "tie_word_embeddings": False,
-    }
-
-
-def tokenizer_config(chat_template: str) -> dict[str, Any]:
-    """``tokenizer_config.json`` contents (Qwen's settings, template inlined)."""
-    return {
-        "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "errors": "replace", "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False, "chat_template": chat_template,
-        "model_max_length": TEXT_CONFIG["max_position_embeddings"],
-    }  # fmt: skip
-
-
-def generation_config() -> dict[str, Any]:
-    """``generation_config.json`` contents: Qwen3.5 sampling defaults and stop ids."""
-    ids = token_ids()
-    eot = ids["<|endoftext|>"]
-    return {
-        "bos_token_id": eot,
-        "eos_token_id": [ids["<|im_end|>"], eot],
-        "pad_token_id": eot,
-        **SAMPLING_DEFAULTS,
-    }
 
 
 def _versions() -> dict[str, str]:
@@ -284,60 +108,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _mtp_tensors(config: Any) -> dict[str, Tensor]:
-    """Random MTP weights in the real checkpoint's naming (see module docstring)."""
-    import torch
-    from transformers import Qwen3_5MoeTextModel
-
-    text = config.text_config.to_dict() | {
-        "num_hidden_layers": 1,
-        "layer_types": ["full_attention"],
-        "vocab_size": VOCAB_MULTIPLE,  # the MTP layer shares the target's embedding
-        "eos_token_id": None,
-    }
-    layer = Qwen3_5MoeTextModel(type(config.text_config)(**text)).layers[0]
-    tensors: dict[str, Tensor] = {}
-    inter = text["moe_intermediate_size"]
-    for name, value in layer.state_dict().items():
-        if name.endswith("experts.gate_up_proj"):
-            for e in range(value.shape[0]):
-                tensors[f"mlp.experts.{e}.gate_proj.weight"] = value[e, :inter]
-                tensors[f"mlp.experts.{e}.up_proj.weight"] = value[e, inter:]
-        elif name.endswith("experts.down_proj"):
-            for e in range(value.shape[0]):
-                tensors[f"mlp.experts.{e}.down_proj.weight"] = value[e]
-        else:
-            tensors[name] = value
-    out = {f"mtp.layers.0.{name}": value for name, value in tensors.items()}
-    hidden = text["hidden_size"]
-    out["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden) * text["initializer_range"]
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        out[f"mtp.{norm}.weight"] = torch.zeros(hidden)
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in out.items()}
-
-
-def _write_weights(out: Path) -> None:
-    """Seeded transformers model -> ``save_pretrained``; then add the MTP tensors."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
-
-    config = Qwen3_5MoeConfig(**model_config())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = Qwen3_5MoeForConditionalGeneration(config).to(torch.bfloat16)
-        torch.manual_seed(SEED + 1)
-        mtp = _mtp_tensors(config)
-    model.save_pretrained(out)
-    weights_path = out / "model.safetensors"
-    tensors = load_file(weights_path)
-    if set(tensors) & set(mtp) or len(list(out.glob("*.safetensors"))) != 1:
-        raise RuntimeError("unexpected save_pretrained output (sharded or has mtp.*)")
-    save_file(tensors | mtp, weights_path, metadata={"format": "pt"})
-    weights_path.chmod(0o644)
-    logger.info("weights: %d tensors (%d mtp)", len(tensors) + len(mtp), len(mtp))
-
-
 def _write_tokenizer(out: Path) -> None:
     template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     tokenizer = build_tokenizer()
@@ -348,7 +118,7 @@ def _write_tokenizer(out: Path) -> None:
 
 
 def _write_all(out: Path) -> None:
-    steps = (("weights", _write_weights), ("tokenizer", _write_tokenizer))
+    steps = (("weights", write_weights), ("tokenizer", _write_tokenizer))
     for name, step in steps:
         started = time.monotonic()
         logger.info("building %s ...", name)

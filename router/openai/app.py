@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -24,7 +24,7 @@ from aiohttp import web
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import DEADLINE_EXCEEDED, NOT_FOUND, RequestError, invalid
 from router import errors as grpc_errors
-from router import intake, observability
+from router import http_observer, intake
 from router.dispatcher import Dispatcher
 from router.openai import chunks, convert, errors
 from router.openai import protocol as p
@@ -40,7 +40,7 @@ SSE_HEADERS: Final = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-Stream = AsyncGenerator[pb.ChatEvent, None]
+Stream = intake.EventStream
 Headers = list[tuple[str, str]]
 
 
@@ -100,10 +100,11 @@ class Door(Protocol):
     def authenticate(self, headers: Headers) -> str:
         """The caller's tenant; RequestError(UNAUTHENTICATED) without a valid key."""
 
-    def open(
+    async def open(
         self, request: intake.Request, tenant: str, headers: Headers, timeout: float | None
     ) -> Stream:
-        """The request's events from acceptance on (see ``intake.open_stream``)."""
+        """Queue the request; its events (see ``intake.open_stream``). The caller closes
+        the stream."""
 
     async def model(self) -> pb.ModelInfo:
         """The served model."""
@@ -123,11 +124,11 @@ class RouterDoor:
         """The tenant of the ``Authorization: Bearer`` key (``router/security.py``)."""
         return self.auth.tenant(headers)
 
-    def open(
+    async def open(
         self, request: intake.Request, tenant: str, headers: Headers, timeout: float | None
     ) -> Stream:
         """Validation, admission, limits, job and dispatcher, as for gRPC."""
-        return intake.open_stream(
+        return await intake.open_stream(
             self.dispatcher, request, tenant=tenant, time_remaining_s=timeout, metadata=headers
         )
 
@@ -174,7 +175,7 @@ class OpenAIRoutes:
 
     async def _describe(self, request: web.Request, name: str) -> web.StreamResponse:
         route = "/v1/models/{model}" if name else "/v1/models"
-        with observability.http_call("GET", route, request.headers) as call:
+        with http_observer.http_call("GET", route, request.headers) as call:
             try:
                 self.door.authenticate(_headers(request))
                 info = await self.door.model()
@@ -205,7 +206,7 @@ class OpenAIRoutes:
 
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         """Authenticate, convert, open the door, then stream or fold the events."""
-        with observability.http_call("POST", endpoint.route, request.headers) as call:
+        with http_observer.http_call("POST", endpoint.route, request.headers) as call:
             rename: Callable[[str], str] = lambda field: field  # noqa: E731
             try:
                 headers = _headers(request)
@@ -216,10 +217,12 @@ class OpenAIRoutes:
                 converted = _convert(body, client_id)
                 rename = converted.param
                 call.describe(converted.request)
-                stream = self.door.open(converted.request, tenant, headers, timeout)
                 when = None if timeout is None else asyncio.get_running_loop().time() + timeout
-                reply = Reply(request, call, endpoint, body, rename, when)
-                return await reply.run(stream)
+                async with deadline_at(when):
+                    stream = await self.door.open(converted.request, tenant, headers, timeout)
+                async with contextlib.aclosing(stream):  # leaving early aborts the request
+                    reply = Reply(request, call, endpoint, body, rename, when)
+                    return await reply.run(stream)
             except RequestError as exc:
                 call.fail(exc.code, exc.message)
                 call.respond(errors.http_status(exc.code))
@@ -265,13 +268,13 @@ class Reply:
     """One generation request's answer: an SSE stream, or one JSON object.
 
     ``when`` is the deadline on the event loop's clock (None: none). The stream is
-    closed on the way out, whatever happens: leaving it early aborts the request.
+    the caller's to close (``OpenAIRoutes._generate`` does, whatever happens).
     """
 
     def __init__(
         self,
         request: web.Request,
-        call: observability.HttpCall,
+        call: http_observer.HttpCall,
         endpoint: Endpoint,
         body: p.ChatCompletionRequest | p.CompletionRequest,
         rename: Callable[[str], str],
@@ -293,17 +296,14 @@ class Reply:
 
     async def run(self, stream: Stream) -> web.StreamResponse:
         """Wait for acceptance (errors before it are HTTP statuses), then answer."""
-        try:
-            async with deadline_at(self.when):
-                first = await intake.accepted(stream)
-            self.call.observe(first)
-            envelope = self._envelope(first.started)
-            if self.body.stream:
-                return await self._sse(stream, envelope, first.started)
-            async with deadline_at(self.when):
-                return await self._whole(stream, envelope, first.started)
-        finally:
-            await stream.aclose()
+        async with deadline_at(self.when):
+            first = await intake.accepted(stream)
+        self.call.observe(first)
+        envelope = self._envelope(first.started)
+        if self.body.stream:
+            return await self._sse(stream, envelope, first.started)
+        async with deadline_at(self.when):
+            return await self._whole(stream, envelope, first.started)
 
     async def _whole(
         self, stream: Stream, envelope: chunks.Envelope, started: pb.Started

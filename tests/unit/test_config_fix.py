@@ -1,4 +1,5 @@
-"""Tests for worker.config_fix, the rope-validation list-vs-set fix (a vLLM general plugin).
+"""Tests for worker.config_fix (and its config_fix_* pieces), the rope-validation list-vs-set
+fix (a vLLM general plugin).
 
 The pinned transformers (5.19) is already fixed, so the historical bug is reproduced two
 ways: with a small config class of the old shape, and by putting the old transformers code
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from worker import config_fix
+from worker import config_fix, config_fix_hooks, config_fix_keys, config_fix_probe
 
 LlamaConfig = pytest.importorskip("transformers").LlamaConfig
 RotaryEmbeddingConfigMixin = pytest.importorskip(
@@ -166,7 +167,7 @@ def target_snapshot() -> dict[str, object]:
     """Current objects at every hook target, by name."""
     return {
         f"{owner!r}.{name}": vars(owner).get(name)
-        for owner, name, _, _ in config_fix._hook_targets()
+        for owner, name, _, _ in config_fix_hooks.hook_targets()
     }
 
 
@@ -174,7 +175,7 @@ def target_snapshot() -> dict[str, object]:
 def fresh_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Forget register()'s outcome and restore every hook target after the test."""
     monkeypatch.setattr(config_fix, "_status", None)
-    for owner, name, _, _ in config_fix._hook_targets():
+    for owner, name, _, _ in config_fix_hooks.hook_targets():
         monkeypatch.setattr(owner, name, vars(owner)[name])
     yield
 
@@ -193,7 +194,7 @@ def test_old_shape_reproduces_the_type_error() -> None:
 def test_normalize_fixes_old_shape_object_in_place() -> None:
     """The list becomes a set on the same object, and the old validation passes."""
     config = old_text_config()
-    assert config_fix.normalize_rope_ignore_keys(config) is config
+    assert config_fix_keys.normalize_rope_ignore_keys(config) is config
     assert config.ignore_keys_at_rope_validation == set(IGNORE_KEYS)
     config.validate_rope()
 
@@ -202,7 +203,7 @@ def test_normalize_recurses_into_sub_config_objects() -> None:
     """text_config and vision_config are fixed too, a dict sub-config by replacement."""
     vision = {"ignore_keys_at_rope_validation": ("mrope_section",)}
     config = OldShapeConfig(old_text_config(), vision)
-    config_fix.normalize_rope_ignore_keys(config)
+    config_fix_keys.normalize_rope_ignore_keys(config)
     assert config.text_config.ignore_keys_at_rope_validation == set(IGNORE_KEYS)
     assert config.vision_config == {"ignore_keys_at_rope_validation": {"mrope_section"}}
     assert vision == {"ignore_keys_at_rope_validation": ("mrope_section",)}
@@ -218,12 +219,12 @@ def test_normalize_dict_returns_a_fixed_copy() -> None:
         "vision_config": {"ignore_keys_at_rope_validation": ("mrope_section",)},
     }
     before = repr(raw)
-    fixed = config_fix.normalize_rope_ignore_keys(raw)
+    fixed = config_fix_keys.normalize_rope_ignore_keys(raw)
     assert repr(raw) == before
     assert fixed["ignore_keys_at_rope_validation"] == {"a"}
     assert fixed["text_config"] == {"ignore_keys_at_rope_validation": set(IGNORE_KEYS), "x": [1]}
     assert fixed["vision_config"]["ignore_keys_at_rope_validation"] == {"mrope_section"}
-    assert config_fix.normalize_rope_ignore_keys(fixed) == fixed
+    assert config_fix_keys.normalize_rope_ignore_keys(fixed) == fixed
 
 
 @pytest.mark.parametrize(
@@ -240,7 +241,7 @@ def test_normalize_dict_returns_a_fixed_copy() -> None:
 )
 def test_as_key_set(value: object, expected: object) -> None:
     """Only lists and tuples of hashable keys change."""
-    assert config_fix.as_key_set(value) == expected
+    assert config_fix_keys.as_key_set(value) == expected
 
 
 def test_is_list_set_type_error_follows_the_chain() -> None:
@@ -251,8 +252,8 @@ def test_is_list_set_type_error_follows_the_chain() -> None:
         except TypeError as inner:
             raise ValueError("Class validation error for validator 'validate_rope'") from inner
     except ValueError as outer:
-        assert config_fix.is_list_set_type_error(outer)
-    assert not config_fix.is_list_set_type_error(TypeError("unsupported operand: 'int'"))
+        assert config_fix_probe.is_list_set_type_error(outer)
+    assert not config_fix_probe.is_list_set_type_error(TypeError("unsupported operand: 'int'"))
 
 
 # --------------------------------------------------------------------------------------
@@ -266,14 +267,14 @@ OLD_SHAPES = ["check_received_keys", "union_on_attribute", "union_on_keyword"]
 def test_register_fixes_old_transformers(monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
     """With an old implementation in place the probe fails; register() hooks and fixes it."""
     install_old_transformers(monkeypatch, shape)
-    assert config_fix.reproduces_bug()
+    assert config_fix_probe.reproduces_bug()
     with pytest.raises(Exception, match=LIST_SET_ERROR):
         probe_config()
 
     config_fix.register()
 
     assert config_fix.fix_status() == "applied"
-    assert not config_fix.reproduces_bug()
+    assert not config_fix_probe.reproduces_bug()
     assert isinstance(probe_config().ignore_keys_at_rope_validation, set)
 
 
@@ -290,7 +291,7 @@ def test_register_is_idempotent(
 
     assert vars(RotaryEmbeddingConfigMixin)["_check_received_keys"] is wrapped
     assert isinstance(wrapped, staticmethod)
-    assert config_fix.is_patched(wrapped)
+    assert config_fix_hooks.is_patched(wrapped)
     assert getattr(wrapped.__func__, "__wrapped__", None) is old_check_received_keys
     applied = [r for r in caplog.records if "Rope config fix applied" in r.getMessage()]
     assert len(applied) == 1
@@ -299,7 +300,7 @@ def test_register_is_idempotent(
     config_fix.register()
     assert vars(RotaryEmbeddingConfigMixin)["_check_received_keys"] is wrapped
     assert config_fix.fix_status() == "applied"
-    assert config_fix.install_hooks() == []
+    assert config_fix_hooks.install_hooks() == []
 
 
 def test_register_never_raises(
@@ -310,7 +311,7 @@ def test_register_never_raises(
     def boom() -> bool:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(config_fix, "reproduces_bug", boom)
+    monkeypatch.setattr(config_fix_probe, "reproduces_bug", boom)
     config_fix.register()
     assert config_fix.fix_status() == "unavailable"
     assert any(r.levelno == logging.WARNING for r in caplog.records)
@@ -320,8 +321,8 @@ def test_register_warns_when_target_missing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Bug present but nothing to hook: a warning, status "unavailable", no exception."""
-    monkeypatch.setattr(config_fix, "reproduces_bug", lambda: True)
-    monkeypatch.setattr(config_fix, "_hook_targets", list)
+    monkeypatch.setattr(config_fix_probe, "reproduces_bug", lambda: True)
+    monkeypatch.setattr(config_fix_hooks, "hook_targets", list)
     config_fix.register()
     assert config_fix.fix_status() == "unavailable"
     assert any("no hook target" in r.getMessage() for r in caplog.records)
@@ -333,7 +334,7 @@ def test_register_reports_missing_transformers(monkeypatch: pytest.MonkeyPatch) 
     def no_transformers() -> bool:
         raise ImportError("No module named 'transformers'")
 
-    monkeypatch.setattr(config_fix, "reproduces_bug", no_transformers)
+    monkeypatch.setattr(config_fix_probe, "reproduces_bug", no_transformers)
     config_fix.register()
     assert config_fix.fix_status() == "unavailable"
 
@@ -394,14 +395,14 @@ def test_not_needed_on_pinned_versions() -> None:
     config_fix.register()
     assert config_fix.fix_status() == "not-needed"
     assert target_snapshot() == before
-    assert not config_fix.hooks_present()
+    assert not config_fix_hooks.hooks_present()
 
 
 def test_hooks_do_not_change_real_qwen35_config() -> None:
     """The real Qwen3.5 MoE config validates and serialises identically with the hooks."""
     without = build_and_validate()
-    assert config_fix.install_hooks()
-    assert config_fix.hooks_present()
+    assert config_fix_hooks.install_hooks()
+    assert config_fix_hooks.hooks_present()
     with_hooks = build_and_validate()
     assert with_hooks == without
     assert with_hooks["text_config"]["rope_parameters"]["mrope_section"] == [11, 11, 10]

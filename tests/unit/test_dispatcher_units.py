@@ -85,7 +85,9 @@ async def until(ready: Callable[[], bool], what: str, timeout: float = 30) -> No
 
 async def _events(dispatcher: Dispatcher, job: Job) -> list[pb.ChatEvent]:
     async with asyncio.timeout(30):
-        return [event async for event in dispatcher.stream(job)]
+        stream = await dispatcher.open(job)
+        async with contextlib.aclosing(stream):
+            return [event async for event in stream]
 
 
 async def _kinds(dispatcher: Dispatcher, job: Job) -> list[str | None]:
@@ -133,3 +135,28 @@ async def test_abort_of_a_running_stream_reaches_the_engine(pair: Pair) -> None:
         await until(lambda: job.request_id in pair.engine.aborted, "the engine's abort")
     reasons = [e.finished.reason for e in events if e.HasField("finished")]
     assert reasons == [pb.FINISH_REASON_ABORT], events
+
+
+async def test_open_queues_the_job_before_anything_is_read(pair: Pair) -> None:
+    pair.engine.gate.set()  # type: ignore[union-attr]
+    async with serving(pair):
+        job = _job(pair.dispatcher)
+        stream = await pair.dispatcher.open(job)
+        async with contextlib.aclosing(stream):
+            await until(lambda: job.request_id in pair.engine.runs, "the job to run unread")
+            kinds = [event.WhichOneof("event") async for event in stream]
+    assert kinds == ["started", "delta", "finished", "usage"]
+    assert pair.dispatcher.inflight == 0
+
+
+async def test_closing_an_unread_stream_aborts_it_and_frees_its_slot(pair: Pair) -> None:
+    async with serving(pair):
+        job = _job(pair.dispatcher, tenant="alpha")
+        stream = await pair.dispatcher.open(job)
+        await until(lambda: job.request_id in pair.engine.runs, "the job to run")
+        with pytest.raises(RequestError):
+            pair.dispatcher.admit("alpha")  # its slot is held
+        await stream.aclose()  # as when the client goes away
+        assert pair.dispatcher.inflight == 0
+        pair.dispatcher.admit("alpha")
+        await until(lambda: job.request_id in pair.engine.aborted, "the engine's abort")

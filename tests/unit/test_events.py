@@ -22,16 +22,9 @@ from vllm.tokenizers import get_tokenizer
 
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INTERNAL, RequestError
-from worker.events import (
-    TOOL_CALL_END,
-    ChoiceStream,
-    RequestStream,
-    ToolCallState,
-    complete_tool_calls,
-    finish_reason,
-    request_stream,
-    token_logprobs,
-)
+from worker.choice_stream import ChoiceStream
+from worker.event_parts import ToolCallState, complete_tool_calls, finish_reason, token_logprobs
+from worker.events import TOOL_CALL_END, RequestStream, request_stream
 from worker.vllm_boundary import ChatCompletionRequest, ReasoningCounter, parser_class
 
 TOOLS = [

@@ -8,11 +8,9 @@ from typing import Any
 import pytest
 
 from qwen_serve.settings import WorkerSettings
+from worker.profile_args import FLASHINFER_FALLBACK_ARGS, FLASHINFER_FALLBACK_ENV, KV_CACHE_ENV
 from worker.profiles import (
     CPU_TINY,
-    FLASHINFER_FALLBACK_ARGS,
-    FLASHINFER_FALLBACK_ENV,
-    KV_CACHE_ENV,
     NVIDIA,
     PROFILES,
     ROCM_TP4,

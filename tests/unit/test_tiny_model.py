@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from worker import tiny_model
+from worker import tiny_model, tiny_model_spec
 
 pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
@@ -145,9 +145,9 @@ def test_weights_include_mtp_and_vision(model_dir: Path) -> None:
 
 
 def test_added_tokens_are_single_tokens(tokenizer: Any) -> None:
-    for content, special in tiny_model.ADDED_TOKENS:
+    for content, special in tiny_model_spec.ADDED_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(content)
-        assert token_id == tiny_model.token_ids()[content]
+        assert token_id == tiny_model_spec.token_ids()[content]
         assert tokenizer.encode(f"a{content}b", add_special_tokens=False)[1] == token_id
         kept = tokenizer.decode([token_id], skip_special_tokens=True)
         assert kept == ("" if special else content)
@@ -163,7 +163,7 @@ def test_tokenizer_round_trips(tokenizer: Any) -> None:
 
 
 def test_template_files_agree(model_dir: Path, tokenizer: Any) -> None:
-    template = tiny_model.CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+    template = tiny_model_spec.CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     assert (model_dir / "chat_template.jinja").read_text(encoding="utf-8") == template
     config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["chat_template"] == template
