@@ -32,10 +32,10 @@ from bench.load_runners import (
     Runner,
     direct_runner,
     openai_runner,
+    ours_runner,
     read_marked,
     vllm_grpc_runner,
 )
-from bench.load_runners import ours_runner as ours_runner  # bench/gpu/run.py imports it here
 from bench.procstats import watching
 from qwen_serve_dev import devstack
 from qwen_serve_dev.devstack import Proc

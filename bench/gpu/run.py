@@ -33,19 +33,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import profile as pyspy
 from bench.engine_path import Launcher, System, make_prompts, summarise
-from bench.gpu import real_shape
+from bench.gpu import measure, real_shape
+from bench.gpu.measure import MAX_TOKENS
 from qwen_serve_dev import devstack
 from worker.profiles import NVIDIA, Overrides, ResolvedProfile, resolve
 
 logger = logging.getLogger("bench.gpu")
 
-MAX_TOKENS = 256
 TINY_LEVELS = {1: 3, 16: 32, 64: 128, 256: 512}
 """Concurrency -> requests: two waves at each level (three requests alone), 7-13 s each."""
 REAL_LEVELS = {1: 2, 64: 128}
-PROFILE_S = 15.0
 E2E_TIMEOUT_S = 540.0
 """Under the device's 10 minutes per command, so the results still come back."""
 
@@ -233,10 +231,10 @@ def _systems(
                 for turn in range(args.rounds):
                     rows.append(_measure(system, key, c, n, turn, ports))
             if key == "a" and len(levels) > 1:
-                profiles = _profile(system, out, max(levels))
+                profiles = measure.profile(system, out, max(levels))
             if key == "a" and check_clients:
                 widest = max(levels)
-                client_rows = client_check(system, widest, levels[widest])
+                client_rows = measure.client_check(system, widest, levels[widest])
         except Exception as exc:  # the other systems still run; the error is reported
             logger.exception("system %s failed", key)
             errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
@@ -246,7 +244,9 @@ def _systems(
     document = _document(resolved, overrides, levels, start_s, rows, errors, profiles)
     if check_clients:
         widest = max(levels)
-        bare_rows = _guarded(errors, "bare", lambda: bare_ceiling(log_dir, widest, levels[widest]))
+        bare_rows = _guarded(
+            errors, "bare", lambda: measure.bare_ceiling(log_dir, widest, levels[widest])
+        )
         document.update(bare_ceiling=bare_rows, client_check=client_rows)
     return document
 
@@ -255,13 +255,13 @@ def _measure(
     system: System, key: str, c: int, n: int, turn: int, ports: dict[str, int]
 ) -> dict[str, Any]:
     """One run of ``n`` requests at concurrency ``c`` (round ``turn``; a new seed each)."""
-    before = latency_parts(ports) if key == "a" else {}
+    before = measure.latency_parts(ports) if key == "a" else {}
     prompts = make_prompts(n, c + 1000 * turn)
     document, usage, wall = system.run(prompts, c, MAX_TOKENS, f"{key}{c}r{turn}")
     row: dict[str, Any] = summarise(key, "gpu", c, document, usage, wall)
     row["round"] = turn
     if before:
-        row["latency_parts_ms"] = latency_delta(before, latency_parts(ports))
+        row["latency_parts_ms"] = measure.latency_delta(before, measure.latency_parts(ports))
     logger.info("(%s) c=%d round %d: %.0f tok/s", key, c, turn, row["tokens_per_s"])
     return row
 
@@ -290,44 +290,6 @@ def _document(
     }
 
 
-LATENCY_PARTS = {
-    "router_ttft": ("router", "gen_ai_server_time_to_first_token_seconds"),
-    "queue_wait": ("worker", "qwen_serve_queue_wait_seconds"),
-    "worker_ttft": ("worker", "qwen_serve_engine_time_to_first_token_seconds"),
-}
-"""Where the first token's time goes: the router's view (arrival to first token), the
-queue (router's enqueue to the worker's claim) and the worker's (claim to first output)."""
-
-
-def latency_parts(ports: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each latency histogram, from the processes' /metrics."""
-    import urllib.request
-
-    parts = {}
-    for name, (process, metric) in LATENCY_PARTS.items():
-        url = f"http://127.0.0.1:{ports[process]}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith(f"{metric}_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(f"{metric}_count"):
-                count += float(line.rsplit(" ", 1)[1])
-        parts[name] = (total, count)
-    return parts
-
-
-def latency_delta(
-    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
-) -> dict[str, float]:
-    """Mean of each latency part over one run, in milliseconds."""
-    means = {}
-    for name, (total, count) in after.items():
-        n = count - before[name][1]
-        means[name] = round((total - before[name][0]) * 1000 / n, 2) if n else 0.0
-    return means
-
-
 def _warm(system: System, levels: dict[int, int]) -> None:
     """One wave at every level, widest first: first-call costs stay out of the figures.
 
@@ -339,51 +301,6 @@ def _warm(system: System, levels: dict[int, int]) -> None:
         system.run(make_prompts(c, 999 - c), c, MAX_TOKENS, f"warm{c}")
 
 
-def _profile(system: System, out: Path, c: int) -> dict[str, Any]:
-    """py-spy on the router and the worker's serving process during one more run at ``c``."""
-    recorders = {
-        name: pyspy.record(system.pids[name], PROFILE_S, out / f"profile-{name}.txt")
-        for name in ("router", "worker")
-    }
-    system.run(make_prompts(c * 2, 997), c, MAX_TOKENS, "profiled")
-    summary: dict[str, Any] = {}
-    for name, recorder in recorders.items():
-        recorder.wait(timeout=120)
-        path = out / f"profile-{name}.txt"
-        if path.exists():
-            summary[name] = pyspy.summarise_collapsed(path.read_text())
-    return summary
-
-
-BARE_RATE = 400.0
-"""Steps per second of the bare server: at 256 streams it offers ~100,000 tokens/s, far more
-than the engine gives, so what comes back is the load generator's own ceiling."""
-
-
-def bare_ceiling(log_dir: Path, c: int, n: int) -> list[dict[str, Any]]:
-    """The load generator against a bare grpc.aio server (no engine, router or Redis) at
-    ``c`` streams, from 1 and 4 processes: the most tokens/s it can take in."""
-    from bench import stack
-    from bench.engine_path import ours_runner
-
-    proc = stack.start_bare(log_dir, MAX_TOKENS, BARE_RATE)
-    try:
-        target = stack.target_of(proc)
-        import grpc
-
-        with grpc.insecure_channel(target) as channel:  # it has no health service
-            grpc.channel_ready_future(channel).result(timeout=60)
-        rows = []
-        for procs in (1, 4):
-            runner = ours_runner(target, Path(tempfile.mkdtemp()), procs)
-            report = runner(make_prompts(n, c + 50 + procs), c, MAX_TOKENS, f"bare{procs}")
-            rows.append({"procs": procs, "tokens_per_s": report["streaming"]["tokensPerSecond"]})
-            logger.info("bare ceiling: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
-        return rows
-    finally:
-        proc.stop()
-
-
 def _guarded(errors: dict[str, str], key: str, step: Callable[[], Any]) -> Any:
     """``step()``; an exception is logged and reported under ``key`` (the run goes on)."""
     try:
@@ -392,23 +309,6 @@ def _guarded(errors: dict[str, str], key: str, step: Callable[[], Any]) -> Any:
         logger.exception("%s failed", key)
         errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
         return []
-
-
-def client_check(system: System, c: int, n: int) -> list[dict[str, Any]]:
-    """Our path at ``c`` from 1, 4 and 8 load-generator processes (the figures use c/64).
-
-    If more client processes do not raise the tokens/s, the client was not the limit.
-    """
-    from bench.engine_path import ours_runner
-
-    rows = []
-    for procs in (1, 4, 8):
-        runner = ours_runner(system.target, Path(tempfile.mkdtemp()), procs)
-        report = runner(make_prompts(n, c + procs), c, MAX_TOKENS, f"client{procs}")
-        streaming = report["streaming"]
-        rows.append({"procs": procs, "tokens_per_s": streaming["tokensPerSecond"]})
-        logger.info("client check: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
-    return rows
 
 
 # ------------------------------------------------------------------ plumbing

@@ -1,0 +1,116 @@
+"""What a GPU run measures beside tokens/s: where the first token's time goes (the
+router's and worker's metrics), py-spy profiles, and the load generator's own ceiling
+(more client processes, and a bare grpc.aio server with no engine behind it)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import profile as pyspy
+from bench.engine_path import System, make_prompts
+from bench.load_runners import ours_runner
+
+logger = logging.getLogger("bench.gpu")
+
+MAX_TOKENS = 256
+PROFILE_S = 15.0
+
+
+LATENCY_PARTS = {
+    "router_ttft": ("router", "gen_ai_server_time_to_first_token_seconds"),
+    "queue_wait": ("worker", "qwen_serve_queue_wait_seconds"),
+    "worker_ttft": ("worker", "qwen_serve_engine_time_to_first_token_seconds"),
+}
+"""Where the first token's time goes: the router's view (arrival to first token), the
+queue (router's enqueue to the worker's claim) and the worker's (claim to first output)."""
+
+
+def latency_parts(ports: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each latency histogram, from the processes' /metrics."""
+    import urllib.request
+
+    parts = {}
+    for name, (process, metric) in LATENCY_PARTS.items():
+        url = f"http://127.0.0.1:{ports[process]}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(f"{metric}_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(f"{metric}_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        parts[name] = (total, count)
+    return parts
+
+
+def latency_delta(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean of each latency part over one run, in milliseconds."""
+    means = {}
+    for name, (total, count) in after.items():
+        n = count - before[name][1]
+        means[name] = round((total - before[name][0]) * 1000 / n, 2) if n else 0.0
+    return means
+
+
+def profile(system: System, out: Path, c: int) -> dict[str, Any]:
+    """py-spy on the router and the worker's serving process during one more run at ``c``."""
+    recorders = {
+        name: pyspy.record(system.pids[name], PROFILE_S, out / f"profile-{name}.txt")
+        for name in ("router", "worker")
+    }
+    system.run(make_prompts(c * 2, 997), c, MAX_TOKENS, "profiled")
+    summary: dict[str, Any] = {}
+    for name, recorder in recorders.items():
+        recorder.wait(timeout=120)
+        path = out / f"profile-{name}.txt"
+        if path.exists():
+            summary[name] = pyspy.summarise_collapsed(path.read_text())
+    return summary
+
+
+BARE_RATE = 400.0
+"""Steps per second of the bare server: at 256 streams it offers ~100,000 tokens/s, far more
+than the engine gives, so what comes back is the load generator's own ceiling."""
+
+
+def bare_ceiling(log_dir: Path, c: int, n: int) -> list[dict[str, Any]]:
+    """The load generator against a bare grpc.aio server (no engine, router or Redis) at
+    ``c`` streams, from 1 and 4 processes: the most tokens/s it can take in."""
+    from bench import stack
+
+    proc = stack.start_bare(log_dir, MAX_TOKENS, BARE_RATE)
+    try:
+        target = stack.target_of(proc)
+        import grpc
+
+        with grpc.insecure_channel(target) as channel:  # it has no health service
+            grpc.channel_ready_future(channel).result(timeout=60)
+        rows = []
+        for procs in (1, 4):
+            runner = ours_runner(target, Path(tempfile.mkdtemp()), procs)
+            report = runner(make_prompts(n, c + 50 + procs), c, MAX_TOKENS, f"bare{procs}")
+            rows.append({"procs": procs, "tokens_per_s": report["streaming"]["tokensPerSecond"]})
+            logger.info("bare ceiling: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
+        return rows
+    finally:
+        proc.stop()
+
+
+def client_check(system: System, c: int, n: int) -> list[dict[str, Any]]:
+    """Our path at ``c`` from 1, 4 and 8 load-generator processes (the figures use c/64).
+
+    If more client processes do not raise the tokens/s, the client was not the limit.
+    """
+    rows = []
+    for procs in (1, 4, 8):
+        runner = ours_runner(system.target, Path(tempfile.mkdtemp()), procs)
+        report = runner(make_prompts(n, c + procs), c, MAX_TOKENS, f"client{procs}")
+        streaming = report["streaming"]
+        rows.append({"procs": procs, "tokens_per_s": streaming["tokensPerSecond"]})
+        logger.info("client check: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
+    return rows
