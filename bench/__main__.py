@@ -8,7 +8,8 @@ on the real engine); ``http`` (about 10 minutes) runs gRPC, our HTTP API (in the
 and beside it) and vLLM's OpenAI server side by side, plus ``vllm bench serve``;
 ``priority`` (about 4 minutes) each priority's first token under a flood of LOW requests;
 ``placement`` (about 10 minutes) prefix-cache hits of multi-turn chats on 1-3 workers;
-``quotas`` (about 2 minutes) one tenant's in-flight cap shared by three routers.
+``quotas`` (about 2 minutes) one tenant's in-flight cap shared by three routers;
+``reserve`` (about 1 minute) full concurrency with and without a slot kept for HIGH.
 Each benchmark saves its results to ``docs/benchmarks-data/<name>.json``; every
 command then re-renders ``docs/benchmarks.md`` and the plots from whatever
 results exist, so benchmarks can be re-run one at a time.
@@ -34,6 +35,7 @@ from bench import (
     profile,
     quotas,
     render,
+    reserve,
 )
 from bench.gpu import render as gpu_render
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         "priority",
         "placement",
         "quotas",
+        "reserve",
         "render",
         "all",
         "gpu-import",
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         save("placement", placement.run(args.quick))
     if args.command == "quotas":  # ~2 min, not part of "all"
         save("quotas", quotas.run(args.quick))
+    if args.command == "reserve":  # ~1 min, not part of "all"
+        save("reserve", reserve.run(args.quick))
     out = render.render(DATA, DOCS)
     logger.info("wrote %s", out)
 

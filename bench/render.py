@@ -13,7 +13,16 @@ from typing import Any
 
 import psutil
 
-from bench import before_after, placement, plots, priority, quotas, render_http, targets
+from bench import (
+    before_after,
+    placement,
+    plots,
+    priority,
+    quotas,
+    render_http,
+    reserve,
+    targets,
+)
 from bench.gpu import render as gpu_render
 from bench.tables import cpu as _cpu
 from bench.tables import table
@@ -299,6 +308,7 @@ def render(data_dir: Path, docs: Path) -> Path:
         "`python -m bench priority` (each priority's first token under a LOW flood, ~4 min);",
         "`python -m bench placement` (prefix-cache hits of multi-turn chats, ~10 min);",
         "`python -m bench quotas` (a tenant's in-flight cap over three routers, ~2 min);",
+        "`python -m bench reserve` (full concurrency and the HIGH slot, ~1 min);",
         "`python -m bench render` rewrites this page",
         "from `docs/benchmarks-data/`. Do not edit by hand: the analysis lives in",
         "`bench/findings.md`. Load generator and ghz commands: `loadtest/README.md`.",
@@ -340,6 +350,10 @@ def render(data_dir: Path, docs: Path) -> Path:
         "## 6. Fleet scheduling: tenant limits across routers",
         "",
         *quotas.section(load(data_dir, "quotas")),
+        "",
+        "## 7. Full concurrency: the slot kept for HIGH priority",
+        "",
+        *reserve.section(load(data_dir, "reserve")),
         "",
         "## Profiles",
         "",

@@ -158,12 +158,15 @@ def start_sim_worker(
     coalesce_ms: float,
     name: str,
     code: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Proc:
-    """The SIMULATED engine (bench.sim_worker) on the bench key prefix."""
+    """The SIMULATED engine (bench.sim_worker) on the bench key prefix (``extra``: more
+    of its flags)."""
     args = devstack.python_module(
         "bench.sim_worker",
         *("--redis-url", redis_url, "--key-prefix", PREFIX),
         *("--tokens", str(tokens), "--rate", str(rate), "--coalesce-ms", str(coalesce_ms)),
+        *extra,
     )
     return devstack.spawn(name, args, log_dir, cwd=code)
 

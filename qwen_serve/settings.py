@@ -217,10 +217,17 @@ class WorkerSettings(SharedSettings):
     high_priority_reserve: int = Field(
         default=1,
         ge=0,
-        description="Engine slots kept for HIGH priority jobs: NORMAL and LOW jobs are "
-        "claimed only while more slots than this are free, so a HIGH job starts at once "
-        "under a flood of others (the engine does not preempt for a free slot). At most "
-        "the capacity less one; 0: none kept.",
+        description="Engine slots kept for HIGH priority jobs while HIGH jobs are in use: "
+        "NORMAL and LOW jobs are claimed only while more slots than this are free, so a "
+        "HIGH job starts at once under a flood of others (the engine does not preempt for "
+        "a free slot). Kept from a worker's first HIGH job until none has come for "
+        "high_priority_reserve_hold_s, so a deployment without HIGH traffic runs every "
+        "slot. At most the capacity less one; 0: none kept.",
+    )
+    high_priority_reserve_hold_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long after a worker's last HIGH job it keeps the HIGH slots free.",
     )
     max_deliveries: int = Field(
         default=3, ge=1, description="Deliveries of an unstarted job before it is dead-lettered."

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, Protocol
 
@@ -24,7 +25,8 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import DEADLINE_EXCEEDED, INTERNAL, EngineDeadError, RequestError, readable
 from qwen_serve.outage import Outage, every
 from qwen_serve.queue.broker import LeaseCheck, QueueUnavailable, WorkerQueue, now_ms
-from qwen_serve.queue.codec import Job, WorkerStatus
+from qwen_serve.queue.codec import Job, WorkerStatus, job_priority
+from qwen_serve.queue.keys import PRIORITY_HIGH
 from qwen_serve.settings import WorkerSettings
 from worker import observability
 from worker.guard import Guard
@@ -108,6 +110,8 @@ class Worker:
         self.draining = asyncio.Event()
         self.engine_dead = False
         self._slot_free = asyncio.Event()
+        self._last_high: float | None = None
+        """When this worker last started a HIGH job (monotonic); None: never."""
         self.tasks = Tasks(f"worker {settings.worker_id}")
 
     @property
@@ -117,7 +121,16 @@ class Worker:
 
     @property
     def reserve(self) -> int:
-        """Slots only HIGH priority jobs may take (``high_priority_reserve``)."""
+        """Slots only HIGH priority jobs may take: ``high_priority_reserve`` from this
+        worker's first HIGH job until none came for ``high_priority_reserve_hold_s``.
+
+        Without HIGH traffic every slot runs NORMAL and LOW jobs: a slot kept for nobody
+        costs a stream at full concurrency a whole request's wait.
+        """
+        if self._last_high is None:
+            return 0
+        if time.monotonic() - self._last_high > self.settings.high_priority_reserve_hold_s:
+            return 0
         return max(0, min(self.settings.high_priority_reserve, self.capacity - 1))
 
     async def run(self) -> None:
@@ -170,6 +183,8 @@ class Worker:
         if job is None:
             self.tasks.spawn(self._acknowledge(entry_id))
             return
+        if job_priority(job) == PRIORITY_HIGH:
+            self._last_high = time.monotonic()
         run = Run(entry_id, job)
         work = observability.process(job, entry_id, self._handle(run))
         run.task = asyncio.get_running_loop().create_task(work)

@@ -160,3 +160,37 @@ async def test_closing_an_unread_stream_aborts_it_and_frees_its_slot(pair: Pair)
         assert pair.dispatcher.inflight == 0
         pair.dispatcher.admit("alpha")
         await until(lambda: job.request_id in pair.engine.aborted, "the engine's abort")
+
+
+async def test_the_high_slot_is_kept_only_while_high_jobs_come(pair: Pair) -> None:
+    """high_priority_reserve (1) holds a slot free only after a HIGH job: before, all four
+    slots run NORMAL jobs (a slot kept for nobody would leave a stream waiting a whole
+    request at full concurrency); after, three do."""
+
+    async def hold(count: int) -> list[asyncio.Task[list[str | None]]]:
+        started = len(pair.engine.runs)
+        held = [
+            asyncio.create_task(_kinds(pair.dispatcher, _job(pair.dispatcher)))
+            for _ in range(count)
+        ]
+        await until(lambda: len(pair.engine.runs) >= started + count - 1, "the jobs to run")
+        await asyncio.sleep(0.5)  # room for one more claim, were a slot free
+        return held
+
+    async with serving(pair) as worker:
+        assert worker.reserve == 0
+        held = await hold(4)
+        assert len(pair.engine.runs) == 4  # every slot runs a NORMAL job
+        pair.engine.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*held)
+        high = _job(pair.dispatcher)
+        high.chat.priority = pb.PRIORITY_HIGH
+        assert (await _kinds(pair.dispatcher, high))[-1] == "usage"
+        assert worker.reserve == 1
+        pair.engine.gate.clear()  # type: ignore[union-attr]
+        held = await hold(4)
+        assert len(pair.engine.runs) == 5 + 3  # one slot stays free for HIGH
+        pair.engine.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*held)
+        worker._last_high -= worker.settings.high_priority_reserve_hold_s + 1  # type: ignore[operator]
+        assert worker.reserve == 0
