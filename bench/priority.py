@@ -7,7 +7,8 @@ engine's slots, so LOW jobs queue in Redis) runs back-to-back; meanwhile probes 
 each priority are sent one at a time and their time to first token is measured
 at the client. The same probes on the idle stack are the reference. Two
 configurations run: the default (``high_priority_reserve`` 1: one engine slot kept
-for HIGH) and ``--high-priority-reserve 0`` (priority streams only).
+for HIGH once a HIGH job has come, so the first HIGH probe may wait for a slot) and
+``--high-priority-reserve 0`` (priority streams only).
 """
 
 from __future__ import annotations
