@@ -80,6 +80,11 @@ def part_field(message: str, k: int) -> str:
     return f"{message}.content[{k}]"
 
 
+def image_part_field(message: str, k: int) -> str:
+    """The field of the image of the ``k``-th content part of the message at ``message``."""
+    return f"{part_field(message, k)}.image"
+
+
 def tool_call_field(message: str, j: int) -> str:
     """The field of the ``j``-th tool call of the message at ``message``."""
     return f"{message}.tool_calls[{j}]"
@@ -90,7 +95,7 @@ def tool_field(j: int, name: str) -> str:
     return f"tools[{j}].{name}"
 
 
-def image_field(i: int) -> str:
+def generate_image_field(i: int) -> str:
     """The field of the ``i``-th image of a GenerateRequest."""
     return f"{IMAGES}[{i}]"
 
@@ -111,7 +116,12 @@ def prompt_field(req: pb.GenerateRequest) -> str:
     return TEXT if req.WhichOneof("prompt") == TEXT else TOKEN_IDS
 
 
-# ------------------------------------------------------------------ ids and model
+# ------------------------------------------------------------------ any field, ids and model
+
+
+def empty(field: str) -> RequestError:
+    """A field that must be set and is not (message content, a name, a constraint, ...)."""
+    return invalid(field, "must not be empty")
 
 
 def bad_client_id() -> RequestError:
@@ -182,7 +192,7 @@ def check_prompt(req: pb.GenerateRequest) -> str:
     if kind is None or (kind == TEXT and not req.text):
         raise invalid(PROMPT if kind is None else TEXT, "a prompt (text or token_ids) is required")
     if kind == TOKEN_IDS and not req.token_ids.ids:
-        raise invalid(TOKEN_ID_LIST, "must not be empty")
+        raise empty(TOKEN_ID_LIST)
     return TEXT if kind == TEXT else TOKEN_IDS
 
 
@@ -198,10 +208,6 @@ def role_name(role: int, message: str) -> str:
     return name
 
 
-def empty_content(message: str) -> RequestError:
-    return invalid(f"{message}.content", "must not be empty")
-
-
 def empty_part(part: str) -> RequestError:
     return invalid(part, "part has neither text nor image")
 
@@ -213,10 +219,6 @@ def image_outside_user(image: str) -> RequestError:
 def assistant_only(message: str, attribute: str, what: str) -> RequestError:
     """``what`` (``message.attribute``) is set on a message that is not the assistant's."""
     return invalid(f"{message}.{attribute}", f"only assistant messages carry {what}")
-
-
-def empty_tool_call_name(call: str) -> RequestError:
-    return invalid(f"{call}.name", "must not be empty")
 
 
 def no_tool_call_id(message: str) -> RequestError:
@@ -332,10 +334,6 @@ def template_switch_not_boolean(name: str) -> RequestError:
 
 
 # ------------------------------------------------------------------ structured output
-
-
-def empty_constraint(field: str) -> RequestError:
-    return invalid(field, "must not be empty")
 
 
 def bad_regex(field: str, reason: str) -> RequestError:

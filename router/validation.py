@@ -43,7 +43,7 @@ def check_generate(req: pb.GenerateRequest) -> None:
     _check_client_id(req.client_request_id)
     rules.check_prompt(req)
     for i, image in enumerate(req.images):
-        _check_image(image, rules.image_field(i))
+        _check_image(image, rules.generate_image_field(i))
     _check_structured(req.structured_output)
     _check_sampling(req.sampling)
 
@@ -87,9 +87,9 @@ def _check_message(message: pb.Message, where: str) -> None:
     has_text = any(p.HasField("text") and p.text for p in message.content)
     has_image = any(p.HasField("image") for p in message.content)
     if not (has_text or has_image or message.tool_calls):
-        raise rules.empty_content(where)
+        raise rules.empty(f"{where}.content")
     for j, part in enumerate(message.content):
-        _check_part(part, rules.part_field(where, j), role)
+        _check_part(part, where, j, role)
     if message.tool_calls and role != "assistant":
         raise rules.assistant_only(where, "tool_calls", "tool calls")
     if message.reasoning and role != "assistant":
@@ -97,20 +97,21 @@ def _check_message(message: pb.Message, where: str) -> None:
     for k, call in enumerate(message.tool_calls):
         field = rules.tool_call_field(where, k)
         if not call.name:
-            raise rules.empty_tool_call_name(field)
+            raise rules.empty(f"{field}.name")
         if call.arguments_json:
             jsontext.load_object(call.arguments_json, f"{field}.arguments_json")
     if role == "tool" and not message.tool_call_id:
         raise rules.no_tool_call_id(where)
 
 
-def _check_part(part: pb.ContentPart, where: str, role: str) -> None:
+def _check_part(part: pb.ContentPart, message: str, j: int, role: str) -> None:
     if part.WhichOneof("part") is None:
-        raise rules.empty_part(where)
+        raise rules.empty_part(rules.part_field(message, j))
     if part.HasField("image"):
+        where = rules.image_part_field(message, j)
         if role != "user":
-            raise rules.image_outside_user(f"{where}.image")
-        _check_image(part.image, f"{where}.image")
+            raise rules.image_outside_user(where)
+        _check_image(part.image, where)
 
 
 def _check_image(image: pb.Image, where: str) -> None:
@@ -211,7 +212,7 @@ def _check_structured(structured: pb.StructuredOutput) -> None:
         return
     text = structured.json_schema if kind == "json_schema" else structured.regex
     if not text:
-        raise rules.empty_constraint(where)
+        raise rules.empty(where)
     if kind == "json_schema":
         _check_schema(jsontext.load_object(text, where), where)
     else:

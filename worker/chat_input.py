@@ -39,7 +39,7 @@ TOOL_CHOICES: Final[Mapping[int, str]] = {
 def image_refs(req: pb.ChatRequest) -> list[tuple[str, pb.Image]]:
     """Every image part of the conversation with its field name, in order."""
     return [
-        (f"{rules.part_field(rules.message_field(i), k)}.image", part.image)
+        (rules.image_part_field(rules.message_field(i), k), part.image)
         for i, message in enumerate(req.messages)
         for k, part in enumerate(message.content)
         if part.WhichOneof("part") == "image"
@@ -55,7 +55,7 @@ def _content(
         if kind == "text":
             parts.append({"type": "text", "text": part.text})
         elif kind == "image":
-            image_field = f"{rules.part_field(field, k)}.image"
+            image_field = rules.image_part_field(field, k)
             if image_field not in images:
                 raise invalid(image_field, "image was not loaded")
             parts.append({"type": "image_pil", "image_pil": images[image_field]})

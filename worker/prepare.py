@@ -209,7 +209,7 @@ class Preparer:
         prompt_field = rules.prompt_field(req)
         self._check_engine_limits(req.sampling, len(req.images), rules.IMAGES)
         placeholders.check_generate(req, self._placeholder_ids)
-        refs = [(rules.image_field(i), image) for i, image in enumerate(req.images)]
+        refs = [(rules.generate_image_field(i), image) for i, image in enumerate(req.images)]
         decoded = await load_images(refs, self.image_policy)
         raw = requests.generate_prompt(req, self.vocab_size, list(decoded.values()))
         try:

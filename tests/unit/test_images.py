@@ -133,6 +133,11 @@ def _bad_cases() -> dict[str, tuple[pb.Image, str, str]]:
             "images[0]",
             "not a PNG, JPEG, WebP or GIF",
         ),
+        "unsupported data: URL type": (
+            pb.Image(url=data_url(encode("BMP"), "image/bmp")),
+            "images[0]",
+            "unsupported image type 'image/bmp'",
+        ),
         "text with a text MIME type": (
             pb.Image(data=b"hello", mime_type="text/plain"),
             "images[0]",
@@ -163,7 +168,11 @@ def _bad_cases() -> dict[str, tuple[pb.Image, str, str]]:
     }
 
 
-ROUTER_ONLY = {"unsupported declared type", "text with a text MIME type"}
+ROUTER_ONLY = {
+    "unsupported declared type",
+    "unsupported data: URL type",
+    "text with a text MIME type",
+}
 """Cases the worker no longer sees: the router refuses a declared type it does not take."""
 ROUTER_TOO = {"no source", "empty bytes", "data URL without base64", "other URL scheme"}
 """Cases both refuse through the same function (the worker must read the source to load it)."""
