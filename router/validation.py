@@ -1,53 +1,49 @@
-"""Request checks done by the router before a job is queued.
+"""Request checks done by the router before a job is queued: every rule that needs no engine.
 
-Each check raises :class:`RequestError` naming the offending field, so a
-client learns exactly what to fix. Checks that need the model's limits take
-a ``ModelInfo``; the prompt's token length is checked by the worker.
+Each check raises :class:`RequestError` naming the offending field, so a client
+learns exactly what to fix; the fields, limits and wording are those of
+``qwen_serve.request_rules``, which the worker uses too. Checks that need the
+model's limits take a ``ModelInfo``; what needs the engine itself (token counts,
+token ids against the vocabulary, decoded images) is checked by the worker.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from qwen_serve import jsontext, regexes, schemas
-from qwen_serve.api.v1 import serve_pb2 as pb
-from qwen_serve.errors import NOT_FOUND, RequestError, invalid
-from qwen_serve.image_types import unsupported
+import jsonschema
+from google.protobuf.message import Message
 
-CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
-TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_N = 8
-MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
+from qwen_serve import jsontext, regexes, schemas
+from qwen_serve import request_rules as rules
+from qwen_serve.api.v1 import serve_pb2 as pb
+from qwen_serve.errors import invalid
+from qwen_serve.image_types import unsupported
 
 
 def check_chat(req: pb.ChatRequest) -> None:
     """Checks of a ChatRequest that need no model limits."""
     _check_client_id(req.client_request_id)
     if not req.messages:
-        raise invalid("messages", "at least one message is required")
+        raise rules.no_messages()
     for i, message in enumerate(req.messages):
-        _check_message(message, f"messages[{i}]")
+        _check_message(message, rules.message_field(i))
     _check_tools(req.tools, req.tool_choice)
-    _check_json_object(req.chat_template_kwargs_json, "chat_template_kwargs_json")
+    _check_template_kwargs(req.chat_template_kwargs_json)
     _check_structured(req.structured_output)
     _check_sampling(req.sampling)
+    _check_no_placeholders(req)
 
 
 def check_generate(req: pb.GenerateRequest) -> None:
     """Checks of a GenerateRequest that need no model limits."""
     _check_client_id(req.client_request_id)
-    kind = req.WhichOneof("prompt")
-    if kind is None or (kind == "text" and not req.text):
-        raise invalid("text", "a prompt (text or token_ids) is required")
-    if kind == "token_ids" and not req.token_ids.ids:
-        raise invalid("token_ids.ids", "must not be empty")
+    rules.check_prompt(req)
     for i, image in enumerate(req.images):
-        _check_image(image, f"images[{i}]")
+        _check_image(image, rules.generate_image_field(i))
     _check_structured(req.structured_output)
     _check_sampling(req.sampling)
 
@@ -57,23 +53,14 @@ def check_against_model(
     sampling: pb.SamplingParams,
     images: int,
     info: pb.ModelInfo,
-    images_field: str = "messages",
+    images_field: str = rules.MESSAGES,
 ) -> None:
     """Checks against the served model's name and limits (``images_field`` holds the images)."""
     if model and model not in (info.served_model_name, info.model_path):
-        raise RequestError(
-            NOT_FOUND, "model", f"{model!r} is not served here; use {info.served_model_name!r}"
-        )
+        raise rules.model_not_served(model, info.served_model_name)
     if sampling.HasField("max_tokens") and sampling.max_tokens >= info.max_context_tokens:
-        raise invalid(
-            "sampling.max_tokens",
-            f"{sampling.max_tokens} leaves no room for the prompt in a context of "
-            f"{info.max_context_tokens} tokens",
-        )
-    if info.max_images_per_prompt and images > info.max_images_per_prompt:
-        raise invalid(
-            images_field, f"{images} images; at most {info.max_images_per_prompt} per prompt"
-        )
+        raise rules.max_tokens_fill_context(sampling.max_tokens, info.max_context_tokens)
+    rules.check_image_count(images, info.max_images_per_prompt or None, images_field)
 
 
 def count_images(messages: Sequence[pb.Message]) -> int:
@@ -83,97 +70,168 @@ def count_images(messages: Sequence[pb.Message]) -> int:
 
 def check_request_id(request_id: str) -> None:
     """A server-assigned request id as given to Abort."""
-    if not REQUEST_ID_RE.fullmatch(request_id):
-        raise invalid("request_id", "not a request id issued by this service")
+    if not rules.REQUEST_ID_RE.fullmatch(request_id):
+        raise rules.bad_request_id()
 
 
 def _check_client_id(client_id: str) -> None:
-    if client_id and not CLIENT_ID_RE.fullmatch(client_id):
-        raise invalid("client_request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
+    if client_id and not rules.CLIENT_ID_RE.fullmatch(client_id):
+        raise rules.bad_client_id()
+
+
+# ------------------------------------------------------------------ messages
 
 
 def _check_message(message: pb.Message, where: str) -> None:
-    if message.role == pb.ROLE_UNSPECIFIED or message.role not in pb.Role.values():
-        raise invalid(f"{where}.role", "must be SYSTEM, USER, ASSISTANT or TOOL")
+    role = rules.role_name(message.role, where)
     has_text = any(p.HasField("text") and p.text for p in message.content)
     has_image = any(p.HasField("image") for p in message.content)
     if not (has_text or has_image or message.tool_calls):
-        raise invalid(f"{where}.content", "must not be empty")
+        raise rules.empty(f"{where}.content")
     for j, part in enumerate(message.content):
-        if part.WhichOneof("part") is None:
-            raise invalid(f"{where}.content[{j}]", "part has neither text nor image")
-        if part.HasField("image"):
-            if message.role != pb.ROLE_USER:
-                raise invalid(f"{where}.content[{j}].image", "images are allowed in user messages")
-            _check_image(part.image, f"{where}.content[{j}].image")
-    if message.tool_calls and message.role != pb.ROLE_ASSISTANT:
-        raise invalid(f"{where}.tool_calls", "only assistant messages carry tool calls")
+        _check_part(part, where, j, role)
+    if message.tool_calls and role != "assistant":
+        raise rules.assistant_only(where, "tool_calls", "tool calls")
+    if message.reasoning and role != "assistant":
+        raise rules.assistant_only(where, "reasoning", "reasoning")
     for k, call in enumerate(message.tool_calls):
+        field = rules.tool_call_field(where, k)
         if not call.name:
-            raise invalid(f"{where}.tool_calls[{k}].name", "must not be empty")
-        _check_json_object(call.arguments_json, f"{where}.tool_calls[{k}].arguments_json")
-    if message.role == pb.ROLE_TOOL and not message.tool_call_id:
-        raise invalid(f"{where}.tool_call_id", "tool messages must name the call they answer")
+            raise rules.empty(f"{field}.name")
+        if call.arguments_json:
+            jsontext.load_object(call.arguments_json, f"{field}.arguments_json")
+    if role == "tool" and not message.tool_call_id:
+        raise rules.no_tool_call_id(where)
+
+
+def _check_part(part: pb.ContentPart, message: str, j: int, role: str) -> None:
+    if part.WhichOneof("part") is None:
+        raise rules.empty_part(rules.part_field(message, j))
+    if part.HasField("image"):
+        where = rules.image_part_field(message, j)
+        if role != "user":
+            raise rules.image_outside_user(where)
+        _check_image(part.image, where)
 
 
 def _check_image(image: pb.Image, where: str) -> None:
-    source = image.WhichOneof("source")
-    if source is None or (source == "data" and not image.data):
-        raise invalid(where, "image has no data")
-    if source == "url" and not image.url.startswith(("data:", "http://", "https://")):
-        raise invalid(f"{where}.url", "must be a data: or http(s) URL")
-    problem = unsupported(image.mime_type)
+    """Source, data: URL form and declared types; the bytes are the worker's to check."""
+    source = rules.image_source(image, where)
+    _check_mime(image.mime_type, where)
+    if source == "data_url":
+        _check_mime(rules.split_data_url(image.url, f"{where}.url")[0], where)
+
+
+def _check_mime(mime: str, where: str) -> None:
+    problem = unsupported(mime)
     if problem:
         raise invalid(where, problem)
 
 
+def _strings(message: Message, prefix: str) -> Iterator[tuple[str, str]]:
+    """(field path, value) of every set string field of ``message``, depth first."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        values = value if field.is_repeated else [value]
+        for index, item in enumerate(values):
+            where = f"{path}[{index}]" if field.is_repeated else path
+            if isinstance(item, str):
+                yield where, item
+            elif isinstance(item, Message):
+                yield from _strings(item, f"{where}.")
+
+
+def _check_no_placeholders(req: pb.ChatRequest) -> None:
+    """No text of a chat may spell a media placeholder: image parts bring their own."""
+    for where, text in _strings(req, ""):
+        for token in rules.PLACEHOLDERS:
+            if token in text:
+                raise rules.placeholder_in_text(where, token)
+
+
+# ------------------------------------------------------------------ tools and JSON
+
+
 def _check_tools(tools: Sequence[pb.Tool], choice: pb.ToolChoice) -> None:
     names = set()
-    for i, tool in enumerate(tools):
-        if not TOOL_NAME_RE.fullmatch(tool.name):
-            raise invalid(f"tools[{i}].name", "must be 1-64 characters of [A-Za-z0-9_-]")
+    for j, tool in enumerate(tools):
+        if not rules.TOOL_NAME_RE.fullmatch(tool.name):
+            raise rules.bad_tool_name(j)
         if tool.name in names:
-            raise invalid(f"tools[{i}].name", f"duplicate tool {tool.name!r}")
+            raise rules.duplicate_tool(j, tool.name)
         names.add(tool.name)
-        where = f"tools[{i}].parameters_json_schema"
-        if tool.parameters_json_schema:
-            _check_satisfiable(jsontext.load_object(tool.parameters_json_schema, where), where)
-    if choice.mode == pb.ToolChoice.MODE_FUNCTION and choice.function_name not in names:
-        raise invalid("tool_choice.function_name", "must name one of the tools")
-    if choice.mode == pb.ToolChoice.MODE_REQUIRED and not tools:
-        raise invalid("tool_choice", "REQUIRED needs at least one tool")
+        _check_schema(rules.tool_schema(tool, j), rules.tool_field(j, "parameters_json_schema"))
+    _check_tool_choice(choice, names)
 
 
-def _check_json_object(text: str, where: str) -> None:
-    if text:
-        jsontext.load_object(text, where)
+def _check_tool_choice(choice: pb.ToolChoice, names: set[str]) -> None:
+    mode = pb.ToolChoice
+    if choice.mode not in mode.Mode.values():
+        raise rules.unknown_tool_choice(choice.mode)
+    if choice.mode == mode.MODE_FUNCTION and choice.function_name not in names:
+        raise rules.unknown_tool_choice_function()
+    if choice.mode == mode.MODE_REQUIRED and not names:
+        raise rules.tool_choice_needs_tools(rules.TOOL_CHOICE, "REQUIRED")
+    if choice.mode == mode.MODE_AUTO and not names:
+        raise rules.tool_choice_needs_tools(rules.TOOL_CHOICE_MODE, "AUTO")
 
 
-def _check_satisfiable(schema: Any, where: str) -> None:
+def _check_schema(schema: Any, where: str) -> None:
+    """A JSON Schema some value can match, well-formed for its declared draft."""
     reason = schemas.unsatisfiable(schema)
     if reason:
-        raise invalid(where, f"no value can match this schema: {reason}")
+        raise rules.schema_unsatisfiable(where, reason)
+    declared = schema.get("$schema") if isinstance(schema, dict) else None
+    if declared is not None and not isinstance(declared, str):
+        raise rules.schema_uri_not_string(where)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise rules.schema_invalid(where, exc.message) from None
+
+
+def _check_template_kwargs(text: str) -> None:
+    kwargs = jsontext.load_object(text or "{}", rules.TEMPLATE_KWARGS)
+    reserved = sorted(rules.RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise rules.reserved_template_kwargs(reserved)
+    for name in sorted(rules.BOOLEAN_TEMPLATE_KWARGS & kwargs.keys()):
+        if not isinstance(kwargs[name], bool):
+            raise rules.template_switch_not_boolean(name)
 
 
 def _check_structured(structured: pb.StructuredOutput) -> None:
+    where = rules.structured_field(structured)
     kind = structured.WhichOneof("kind")
+    if where is None or kind == "json_object":
+        return
+    if kind == "choice":
+        values = structured.choice.values
+        if not values or not all(values):
+            raise rules.bad_choices(f"{where}.values")
+        return
+    text = structured.json_schema if kind == "json_schema" else structured.regex
+    if not text:
+        raise rules.empty(where)
     if kind == "json_schema":
-        where = "structured_output.json_schema"
-        if not structured.json_schema:
-            raise invalid(where, "must not be empty")
-        _check_satisfiable(jsontext.load_object(structured.json_schema, where), where)
-    elif kind == "regex":
-        try:
-            re.compile(structured.regex)
-        except (re.error, OverflowError) as exc:
-            raise invalid("structured_output.regex", f"not a valid regex: {exc}") from None
-        except RecursionError:
-            raise invalid("structured_output.regex", "groups nested too deeply") from None
-        reason = regexes.unsatisfiable(structured.regex)
-        if reason:
-            raise invalid("structured_output.regex", f"no string can match this regex: {reason}")
-    elif kind == "choice" and not structured.choice.values:
-        raise invalid("structured_output.choice.values", "at least one choice is required")
+        _check_schema(jsontext.load_object(text, where), where)
+    else:
+        _check_regex(text, where)
+
+
+def _check_regex(regex: str, where: str) -> None:
+    try:
+        re.compile(regex)
+    except (re.error, OverflowError) as exc:
+        raise rules.bad_regex(where, str(exc)) from None
+    except RecursionError:
+        raise rules.regex_too_deep(where) from None
+    reason = regexes.unsatisfiable(regex)
+    if reason:
+        raise rules.regex_unsatisfiable(where, reason)
+
+
+# ------------------------------------------------------------------ sampling
 
 
 FLOAT_FIELDS = (
@@ -189,24 +247,24 @@ FLOAT_FIELDS = (
 def _check_sampling(s: pb.SamplingParams) -> None:
     for name in FLOAT_FIELDS:
         if s.HasField(name) and not math.isfinite(getattr(s, name)):
-            raise invalid(f"sampling.{name}", "must be a finite number")
+            raise rules.not_finite(name)
     _range(s, "max_tokens", 1, None)
     _range(s, "temperature", 0.0, None)
     _range(s, "min_p", 0.0, 1.0)
     _range(s, "presence_penalty", -2.0, 2.0)
     _range(s, "frequency_penalty", -2.0, 2.0)
-    _range(s, "n", 1, MAX_N)
-    _range(s, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    _range(s, "n", 1, rules.MAX_N)
+    _range(s, "top_logprobs", 0, rules.MAX_TOP_LOGPROBS)
     if s.HasField("top_p") and not 0.0 < s.top_p <= 1.0:
-        raise invalid("sampling.top_p", "must be in (0, 1]")
+        raise rules.sampling_rule("top_p", "must be in (0, 1]")
     if s.HasField("repetition_penalty") and s.repetition_penalty <= 0:
-        raise invalid("sampling.repetition_penalty", "must be > 0")
+        raise rules.sampling_rule("repetition_penalty", "must be > 0")
     if s.HasField("top_k") and s.top_k < -1:
-        raise invalid("sampling.top_k", "must be -1, 0 or positive")
+        raise rules.sampling_rule("top_k", "must be -1, 0 or positive")
     if s.HasField("min_tokens") and s.HasField("max_tokens") and s.min_tokens > s.max_tokens:
-        raise invalid("sampling.min_tokens", "must not exceed max_tokens")
-    if len(s.stop) > MAX_STOP or any(not stop for stop in s.stop):
-        raise invalid("sampling.stop", f"at most {MAX_STOP} non-empty strings")
+        raise rules.sampling_rule("min_tokens", "must not exceed max_tokens")
+    if len(s.stop) > rules.MAX_STOP or any(not stop for stop in s.stop):
+        raise rules.bad_stop()
 
 
 def _range(s: pb.SamplingParams, name: str, low: float, high: float | None) -> None:
@@ -215,4 +273,4 @@ def _range(s: pb.SamplingParams, name: str, low: float, high: float | None) -> N
     value = getattr(s, name)
     if value < low or (high is not None and value > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise invalid(f"sampling.{name}", f"{value} is out of range {bound}")
+        raise rules.out_of_range(name, value, bound)

@@ -1,9 +1,11 @@
 """API images -> decoded RGB images for vLLM's renderer, checked before they reach the engine.
 
-An image arrives as bytes (MIME type optional: the bytes are sniffed), as a ``data:`` URL
-or, only for hosts on the worker's allow-list, as an http(s) URL that the worker fetches
-with a size and time limit. Each image must be PNG, JPEG, WebP or GIF (first frame), at
-most ``ImagePolicy.max_bytes`` encoded and ``ImagePolicy.max_pixels`` decoded (the
+An image arrives as bytes, as a ``data:`` URL or, only for hosts on the worker's
+allow-list, as an http(s) URL that the worker fetches with a size and time limit. The
+router has checked its source and declared MIME type (``qwen_serve.request_rules``,
+whose source and data: URL functions this module uses to read it); the bytes decide
+the format. Each image must be PNG, JPEG, WebP or GIF (first frame), at most
+``ImagePolicy.max_bytes`` encoded and ``ImagePolicy.max_pixels`` decoded (the
 decompression-bomb cap, checked from the header before any pixel is decoded), no more
 than 200 times longer than wide or the other way round (Qwen's vision processor refuses
 that), and must decode completely. Anything else is INVALID_ARGUMENT naming the part, e.g.
@@ -25,9 +27,10 @@ from typing import Final
 import aiohttp
 from PIL import Image as PILImage
 
+from qwen_serve import request_rules as rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import invalid, readable
-from qwen_serve.image_types import ACCEPTED, IMAGE_FORMATS, unsupported
+from qwen_serve.image_types import ACCEPTED, IMAGE_FORMATS
 from qwen_serve.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -103,18 +106,15 @@ def _to_rgb(img: PILImage.Image) -> PILImage.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes, mime: str, field: str, policy: ImagePolicy) -> PILImage.Image:
+def decode(data: bytes, field: str, policy: ImagePolicy) -> PILImage.Image:
     """Checked, fully decoded RGB image (GIF: first frame) of encoded ``data``.
 
-    ``mime`` is the declared type ("" when unknown); the bytes decide the format.
+    The bytes decide the format (the declared type is the router's to check).
     """
     if not data:
-        raise invalid(field, "image is empty")
+        raise rules.empty_image(field)
     if len(data) > policy.max_bytes:
         raise invalid(field, f"image has {len(data)} bytes; at most {policy.max_bytes} allowed")
-    problem = unsupported(mime)
-    if problem:
-        raise invalid(field, problem)
     actual = sniff_mime(data)
     if actual is None:
         raise invalid(field, f"not a {ACCEPTED} image")
@@ -148,18 +148,14 @@ def _check_size(width: int, height: int, field: str, policy: ImagePolicy) -> Non
         )
 
 
-def _data_url_bytes(url: str, field: str, policy: ImagePolicy) -> tuple[str, bytes]:
-    header, sep, payload = url.partition(",")
-    if not sep or not header.lower().startswith("data:") or not header.endswith(";base64"):
-        raise invalid(field, "expected a data:<mime>;base64,<data> URL")
+def _data_url_bytes(url: str, field: str, policy: ImagePolicy) -> bytes:
+    _, payload = rules.split_data_url(url, field)
     if len(payload) * 3 // 4 > policy.max_bytes + 2:
         raise invalid(field, f"image has more than {policy.max_bytes} bytes")
-    mime = header[len("data:") : -len(";base64")]
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(field, "data: URL payload is not valid base64") from None
-    return mime, data
 
 
 # ------------------------------------------------------------------ remote URLs
@@ -200,26 +196,20 @@ async def fetch(url: str, field: str, policy: ImagePolicy) -> bytes:
         raise invalid(field, f"fetching the image failed: {readable(exc)}") from None
 
 
-async def image_bytes(image: pb.Image, field: str, policy: ImagePolicy) -> tuple[str, bytes]:
-    """(declared MIME type, encoded bytes) of an API image; fetches allowed remote URLs."""
-    source = image.WhichOneof("source")
-    if source is None:
-        raise invalid(field, "image has neither data nor url")
+async def image_bytes(image: pb.Image, field: str, policy: ImagePolicy) -> bytes:
+    """The encoded bytes of an API image; fetches allowed remote URLs."""
+    source = rules.image_source(image, field)
     if source == "data":
-        return image.mime_type, image.data
-    url = image.url.strip()
-    scheme = url.partition(":")[0].lower()
-    if scheme == "data":
-        return _data_url_bytes(url, f"{field}.url", policy)
-    if scheme in ("http", "https"):
-        return image.mime_type, await fetch(url, f"{field}.url", policy)
-    raise invalid(f"{field}.url", "must be a data: URL or an http(s) URL")
+        return image.data
+    if source == "data_url":
+        return _data_url_bytes(image.url.strip(), f"{field}.url", policy)
+    return await fetch(image.url.strip(), f"{field}.url", policy)
 
 
 async def load_image(image: pb.Image, field: str, policy: ImagePolicy) -> PILImage.Image:
     """One API image, fetched if needed, checked and decoded (in a thread)."""
-    mime, data = await image_bytes(image, field, policy)
-    return await asyncio.to_thread(decode, data, mime, field, policy)
+    data = await image_bytes(image, field, policy)
+    return await asyncio.to_thread(decode, data, field, policy)
 
 
 async def load_images(

@@ -2,10 +2,12 @@
 
 A chat is rendered with vLLM's renderer (the model's chat template, images, tools)
 and gets vLLM's tool and reasoning parsers; a raw generation is tokenized as sent.
-Both get ``SamplingParams`` (``worker.requests``) and the event stream that turns
+Both get ``SamplingParams`` (``worker.sampling``) and the event stream that turns
 the engine's outputs into API events (``worker.events``); a continuation starts
-after the tokens its client already has (``worker.continuation``). Input vLLM
-refuses raises :class:`~qwen_serve.errors.RequestError` naming the field.
+after the tokens its client already has (``worker.continuation``). The router has
+checked every rule that needs no engine; here the engine's own limits are checked
+(image count, seeds, placeholders against the tokenizer, the context), and input
+vLLM refuses raises :class:`~qwen_serve.errors.RequestError` naming the field.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from typing import Any
 
 import jinja2
 
+from qwen_serve import request_rules as rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RequestError, clean, invalid, readable
 from qwen_serve.queue.v1 import queue_pb2
-from worker import continuation, detokenize, placeholders, requests
+from worker import chat_input, constraints, continuation, detokenize, placeholders, requests
 from worker import vllm_boundary as vb
 from worker.events import TOOL_CALL_END, RequestStream, request_stream
 from worker.images import ImagePolicy, load_images
 from worker.profiles import ResolvedProfile
+from worker.sampling import sampling_params, vllm_field
 
 
 @dataclass
@@ -79,17 +83,11 @@ class Preparer:
             )
         return prepared
 
-    def _check_seed(self, sampling: pb.SamplingParams) -> None:
+    def _check_engine_limits(self, sampling: pb.SamplingParams, images: int, field: str) -> None:
+        """What this engine takes: ``images`` images (in ``field``) and, maybe, a seed."""
+        rules.check_image_count(images, self.resolved.max_images_per_prompt, field)
         if sampling.HasField("seed") and not self.seed_supported:
-            raise invalid(
-                "sampling.seed",
-                "per-request seeds are not supported by this engine (CPU with chunked prefill)",
-            )
-
-    def _check_images(self, count: int, field_name: str) -> None:
-        limit = self.resolved.max_images_per_prompt
-        if count > limit:
-            raise invalid(field_name, f"{count} images; at most {limit} per prompt")
+            raise rules.seed_unsupported()
 
     def _tok_params(self, sampling: pb.SamplingParams, *, chat: bool) -> Any:
         return vb.TokenizeParams(
@@ -97,29 +95,27 @@ class Preparer:
             max_output_tokens=min(sampling.max_tokens, self.max_context),
             add_special_tokens=not chat,
             max_total_tokens_param="max_context_tokens",
-            max_output_tokens_param="sampling.max_tokens",
+            max_output_tokens_param=rules.sampling_field("max_tokens"),
         )
 
     async def _prepare_chat(self, req: pb.ChatRequest) -> Prepared:
-        refs = requests.image_refs(req)
-        self._check_images(len(refs), "messages")
-        placeholders.check_chat(req)
-        self._check_seed(req.sampling)
-        tool_dicts = requests.tools(req)
-        template_kwargs = requests.chat_template_kwargs(req)
-        messages = requests.chat_messages(req, await load_images(refs, self.image_policy))
-        vreq = requests.vllm_chat_request(
+        refs = chat_input.image_refs(req)
+        self._check_engine_limits(req.sampling, len(refs), rules.MESSAGES)
+        tool_dicts = chat_input.tools(req)
+        template_kwargs = chat_input.chat_template_kwargs(req)
+        messages = chat_input.chat_messages(req, await load_images(refs, self.image_policy))
+        vreq = chat_input.vllm_chat_request(
             messages,
             tool_dicts,
-            requests.tool_choice(req),
+            chat_input.tool_choice(req),
             template_kwargs,
-            requests.structured_outputs(req.structured_output),
+            constraints.structured_outputs(req.structured_output),
         )
-        kwargs_field = "chat_template_kwargs_json" if req.chat_template_kwargs_json else "tools"
+        kwargs_field = rules.TEMPLATE_KWARGS if req.chat_template_kwargs_json else "tools"
         parser, vreq = self._parser_for(vreq, template_kwargs, kwargs_field)
         prompt = await self._render_chat(messages, tool_dicts, template_kwargs, req.sampling)
         prompt_ids: list[int] = list(prompt["prompt_token_ids"])
-        params = requests.sampling_params(
+        params = sampling_params(
             req.sampling,
             req.structured_output,
             self._defaults,
@@ -132,7 +128,7 @@ class Preparer:
         reasoning_kwargs = None
         if parser is not None and parser.reasoning_parser is not None:
             reasoning_kwargs = {"chat_template_kwargs": template_kwargs}
-        constraint = requests.constraint_field(req)
+        constraint = constraints.constraint_field(req)
         return Prepared(
             prompt=prompt,
             params=params,
@@ -206,15 +202,14 @@ class Preparer:
             AssertionError,
             jinja2.TemplateError,
         ) as exc:
-            raise input_error(exc, "messages") from exc
+            raise input_error(exc, rules.MESSAGES) from exc
         return prompt
 
     async def _prepare_generate(self, req: pb.GenerateRequest) -> Prepared:
-        prompt_field = "text" if req.WhichOneof("prompt") == "text" else "token_ids"
-        self._check_images(len(req.images), "images")
+        prompt_field = rules.prompt_field(req)
+        self._check_engine_limits(req.sampling, len(req.images), rules.IMAGES)
         placeholders.check_generate(req, self._placeholder_ids)
-        self._check_seed(req.sampling)
-        refs = [(f"images[{i}]", image) for i, image in enumerate(req.images)]
+        refs = [(rules.generate_image_field(i), image) for i, image in enumerate(req.images)]
         decoded = await load_images(refs, self.image_policy)
         raw = requests.generate_prompt(req, self.vocab_size, list(decoded.values()))
         try:
@@ -224,11 +219,11 @@ class Preparer:
             )
         except (vb.VLLMValidationError, ValueError, TypeError, AssertionError) as exc:
             # AssertionError: vLLM's multimodal processor found no placeholder for an image.
-            raise input_error(exc, "images" if req.images else prompt_field) from exc
+            raise input_error(exc, rules.IMAGES if req.images else prompt_field) from exc
         if self.resolved.profile.device == "cpu" and len(prompt["prompt_token_ids"]) < 2:
             # vLLM 0.32's CPU causal-conv kernel kills the engine on a one-token prompt.
-            raise invalid(prompt_field, "the CPU engine needs a prompt of at least 2 tokens")
-        params = requests.sampling_params(
+            raise rules.prompt_too_short(prompt_field)
+        params = sampling_params(
             req.sampling,
             req.structured_output,
             self._defaults,
@@ -236,7 +231,7 @@ class Preparer:
             len(prompt["prompt_token_ids"]),
             prompt_field=prompt_field,
         )
-        constraint = requests.constraint_field(req)
+        constraint = constraints.constraint_field(req)
         stream = request_stream([None] * params.n, None, req.sampling, None, constraint=constraint)
         detokenize.fix_prompt_echo(
             stream,
@@ -259,11 +254,7 @@ class Preparer:
 def input_error(exc: BaseException, field_name: str) -> RequestError:
     """INVALID_ARGUMENT for an input vLLM rejected, naming the most specific field known."""
     if isinstance(exc, vb.VLLMValidationError):
-        parameter = exc.parameter or ""
-        if parameter.startswith("sampling."):
-            field_name = parameter
-        elif parameter in requests.SAMPLING_FIELDS:
-            field_name = requests.SAMPLING_FIELDS[parameter]
+        field_name = vllm_field(exc.parameter or "", field_name)
         message = clean(str(exc.args[0]) if exc.args else str(exc))
     elif isinstance(exc, AssertionError):
         message = f"the prompt does not match its images: {exc}"

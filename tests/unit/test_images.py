@@ -1,5 +1,8 @@
 """Image checks (worker/images.py): formats, limits, data: URLs and the remote-URL allow-list.
 
+What needs no decoding (the source, a data: URL's form, the declared type) is the
+router's rule (router/validation.py), in the same words; those cases go through it too.
+
 Remote fetching is tested against a real HTTP server on 127.0.0.1 (``http.server`` in a
 thread): an allowed host is fetched, any other host is refused without a connection,
 too-large bodies, redirects, errors and slow servers are refused.
@@ -24,8 +27,9 @@ from PIL import Image as PILImage
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INVALID_ARGUMENT, RequestError
 from qwen_serve.settings import WorkerSettings
+from router import validation
 from tests.support import images
-from worker import requests
+from worker import chat_input
 from worker.images import ImagePolicy, decode, load_images, sniff_mime
 
 RED, BLUE = images.RED, (20, 40, 220)
@@ -129,6 +133,11 @@ def _bad_cases() -> dict[str, tuple[pb.Image, str, str]]:
             "images[0]",
             "not a PNG, JPEG, WebP or GIF",
         ),
+        "unsupported data: URL type": (
+            pb.Image(url=data_url(encode("BMP"), "image/bmp")),
+            "images[0]",
+            "unsupported image type 'image/bmp'",
+        ),
         "text with a text MIME type": (
             pb.Image(data=b"hello", mime_type="text/plain"),
             "images[0]",
@@ -159,11 +168,31 @@ def _bad_cases() -> dict[str, tuple[pb.Image, str, str]]:
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_cases()))
+ROUTER_ONLY = {
+    "unsupported declared type",
+    "unsupported data: URL type",
+    "text with a text MIME type",
+}
+"""Cases the worker no longer sees: the router refuses a declared type it does not take."""
+ROUTER_TOO = {"no source", "empty bytes", "data URL without base64", "other URL scheme"}
+"""Cases both refuse through the same function (the worker must read the source to load it)."""
+
+
+@pytest.mark.parametrize("case", sorted(set(_bad_cases()) - ROUTER_ONLY))
 def test_bad_images_name_the_part(case: str) -> None:
     image, field, text = _bad_cases()[case]
     error = rejected(image)
     assert error.field == field
+    assert text in error.message
+
+
+@pytest.mark.parametrize("case", sorted(ROUTER_ONLY | ROUTER_TOO))
+def test_what_needs_no_decoding_is_refused_by_the_router(case: str) -> None:
+    image, field, text = _bad_cases()[case]
+    with pytest.raises(RequestError) as excinfo:
+        validation.check_generate(pb.GenerateRequest(text="x", images=[image]))
+    error = excinfo.value
+    assert (error.code, error.field) == (INVALID_ARGUMENT, field)
     assert text in error.message
 
 
@@ -179,7 +208,7 @@ def test_pixel_cap_is_configurable() -> None:
     data = encode("PNG", size=(64, 64))
     error = rejected(pb.Image(data=data), ImagePolicy(max_pixels=64 * 64 - 1))
     assert "64x64" in error.message
-    assert decode(data, "", "x", ImagePolicy(max_pixels=64 * 64)).size == (64, 64)
+    assert decode(data, "x", ImagePolicy(max_pixels=64 * 64)).size == (64, 64)
 
 
 def test_the_first_bad_image_in_request_order_is_reported() -> None:
@@ -198,7 +227,7 @@ def test_the_first_bad_image_in_request_order_is_reported() -> None:
         ]
     )
     with pytest.raises(RequestError) as excinfo:
-        asyncio.run(load_images(requests.image_refs(req), ImagePolicy()))
+        asyncio.run(load_images(chat_input.image_refs(req), ImagePolicy()))
     assert excinfo.value.field == "messages[1].content[1].image"
 
 

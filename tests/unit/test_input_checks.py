@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen_serve import jsontext, regexes, schemas
+from qwen_serve import request_rules as rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RequestError, readable
 from router import errors, reflection, validation, wire
@@ -146,7 +147,7 @@ def test_readable_drops_object_reprs_and_uses_the_cause() -> None:
 
 
 def test_placeholders_must_match_images() -> None:
-    ids = {placeholders.IMAGE: 7, placeholders.VIDEO: 8}
+    ids = {rules.IMAGE_PLACEHOLDER: 7, rules.VIDEO_PLACEHOLDER: 8}
     image = pb.Image(data=b"x")
     ok = pb.GenerateRequest(text="<|image_pad|> and <|image_pad|>", images=[image, image])
     placeholders.check_generate(ok, ids)
@@ -163,9 +164,9 @@ def test_placeholders_must_match_images() -> None:
         assert info.value.field == field
     spelled = chat("see <|video_pad|>")
     with pytest.raises(RequestError) as info:
-        placeholders.check_chat(spelled)
+        validation.check_chat(spelled)  # a chat's text needs no tokenizer: the router's rule
     assert info.value.field == "messages[0].content[0].text"
-    placeholders.check_chat(chat("no placeholder"))
+    validation.check_chat(chat("no placeholder"))
 
 
 def test_engine_failure_under_a_constraint_names_the_constraint() -> None:
@@ -200,12 +201,14 @@ def test_engine_failure_under_a_constraint_names_the_constraint() -> None:
 
 @pytest.mark.parametrize("declared", ["5", '{"a": 1}', "[]"])
 def test_a_schema_uri_that_is_no_string_is_invalid(declared: str) -> None:
-    from worker import requests
-
     text = f'{{"$schema": {declared}}}'
+    with_tool = chat("hi")
+    with_tool.tools.add(name="f", parameters_json_schema=text)
     with pytest.raises(RequestError) as info:
-        requests.tools(pb.ChatRequest(tools=[pb.Tool(name="f", parameters_json_schema=text)]))
+        validation.check_chat(with_tool)
     assert info.value.field == "tools[0].parameters_json_schema"
+    constrained = chat("hi")
+    constrained.structured_output.json_schema = text
     with pytest.raises(RequestError) as info:
-        requests.structured_outputs(pb.StructuredOutput(json_schema=text))
+        validation.check_chat(constrained)
     assert info.value.field == "structured_output.json_schema"

@@ -22,6 +22,8 @@ def chat_body(**fields: Any) -> p.ChatCompletionRequest:
 
 
 AUDIO_PART = b'{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}'
+IMAGE_URL = "data:image/png;base64,AAAA"
+"""A data: URL of the right form (its bytes are the worker's to decode)."""
 JSON_SCHEMA_FORMAT = {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}
 
 
@@ -56,7 +58,7 @@ def test_a_chat_body_becomes_the_grpc_request() -> None:
         model="m",
         messages=[
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}]},
             {
                 "role": "assistant",
                 "content": None,
@@ -78,7 +80,7 @@ def test_a_chat_body_becomes_the_grpc_request() -> None:
     validation.check_chat(request)  # the gRPC path's own checks accept it
     roles = [m.role for m in request.messages]
     assert roles == [pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL]
-    assert request.messages[1].content[0].image.url == "data:x"
+    assert request.messages[1].content[0].image.url == IMAGE_URL
     assert request.messages[2].reasoning == "hmm"
     assert request.messages[2].tool_calls[0].name == "f"
     assert json.loads(request.tools[0].parameters_json_schema) == {"type": "object"}

@@ -1,4 +1,6 @@
-"""API request -> vLLM conversion (worker/requests.py): pure functions, no engine."""
+"""API request -> vLLM conversion (worker/chat_input.py, constraints.py, sampling.py,
+requests.py): pure functions, no engine. Rules the router checks for the worker are
+tested here through ``router/validation.py``, with the field they name."""
 
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ import pytest
 from PIL import Image as PILImage
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+from qwen_serve import request_rules as rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INVALID_ARGUMENT, RequestError
-from worker import requests
+from router import validation
+from tests.helpers import chat
+from worker import chat_input, constraints, requests
+from worker.sampling import sampling_params
 
 GEN_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
@@ -57,7 +63,7 @@ def test_chat_messages_roles_text_and_history() -> None:
             pb.Message(role=pb.ROLE_USER, name="bob", content=[pb.ContentPart(text="thanks")]),
         ]
     )
-    assert requests.chat_messages(req) == [
+    assert chat_input.chat_messages(req) == [
         {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
         {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
         {
@@ -93,19 +99,29 @@ def test_image_parts_become_the_decoded_images_in_order() -> None:
             ),
         ]
     )
-    refs = requests.image_refs(req)
+    refs = chat_input.image_refs(req)
     assert [field for field, _ in refs] == [
         "messages[1].content[1].image",
         "messages[1].content[2].image",
     ]
     first, second = PILImage.new("RGB", (2, 2)), PILImage.new("RGB", (3, 3))
     images = {refs[0][0]: first, refs[1][0]: second}
-    parts = requests.chat_messages(req, images)[1]["content"]
+    parts = chat_input.chat_messages(req, images)[1]["content"]
     assert parts[0] == {"type": "text", "text": "two"}
     assert parts[1] == {"type": "image_pil", "image_pil": first}
     assert parts[2] == {"type": "image_pil", "image_pil": second}
     with fails("messages[1].content[1].image"):
-        requests.chat_messages(req)  # images must be loaded first (worker.images)
+        chat_input.chat_messages(req)  # images must be loaded first (worker.images)
+
+
+def routers(request: pb.ChatRequest | pb.GenerateRequest) -> tuple[int, str]:
+    """(code, field) of the router's refusal of ``request`` (a rule the worker trusts)."""
+    check = (
+        validation.check_chat if isinstance(request, pb.ChatRequest) else validation.check_generate
+    )
+    with pytest.raises(RequestError) as excinfo:
+        check(request)  # type: ignore[arg-type]
+    return raised(excinfo)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +129,18 @@ def test_image_parts_become_the_decoded_images_in_order() -> None:
     [
         (pb.Message(content=[pb.ContentPart(text="x")]), "messages[0].role"),
         (pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart()]), "messages[0].content[0]"),
+    ],
+)
+def test_bad_messages_name_the_field(message: pb.Message, field: str) -> None:
+    """What the conversion cannot do without: a role, a content part of some kind."""
+    with pytest.raises(RequestError) as excinfo:
+        chat_input.chat_messages(pb.ChatRequest(messages=[message]))
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
         (
             pb.Message(role=pb.ROLE_USER, tool_calls=[pb.ToolCall(name="f")]),
             "messages[0].tool_calls",
@@ -127,19 +155,18 @@ def test_image_parts_become_the_decoded_images_in_order() -> None:
             pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(arguments_json="{}")]),
             "messages[0].tool_calls[0].name",
         ),
-        (pb.Message(role=pb.ROLE_USER, reasoning="hm"), "messages[0].reasoning"),
+        (
+            pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text="x")], reasoning="hm"),
+            "messages[0].reasoning",
+        ),
     ],
 )
-def test_bad_messages_name_the_field(message: pb.Message, field: str) -> None:
-    with pytest.raises(RequestError) as excinfo:
-        requests.chat_messages(pb.ChatRequest(messages=[message]))
-    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+def test_message_rules_the_router_checks_name_the_field(message: pb.Message, field: str) -> None:
+    assert routers(pb.ChatRequest(messages=[message])) == (INVALID_ARGUMENT, field)
 
 
 def test_no_messages() -> None:
-    with pytest.raises(RequestError) as excinfo:
-        requests.chat_messages(pb.ChatRequest())
-    assert raised(excinfo) == (INVALID_ARGUMENT, "messages")
+    assert routers(pb.ChatRequest()) == (INVALID_ARGUMENT, "messages")
 
 
 # ------------------------------------------------------------------ tools
@@ -157,7 +184,7 @@ def weather(**kw: str) -> pb.Tool:
 
 def test_tools() -> None:
     req = pb.ChatRequest(tools=[weather(), pb.Tool(name="noop")])
-    assert requests.tools(req) == [
+    assert chat_input.tools(req) == [
         {
             "type": "function",
             "function": {
@@ -171,29 +198,42 @@ def test_tools() -> None:
             "function": {"name": "noop", "description": "", "parameters": {"type": "object"}},
         },
     ]
-    assert requests.tools(pb.ChatRequest()) is None
+    assert chat_input.tools(pb.ChatRequest()) is None
+
+
+BAD_TOOLS = [
+    ([weather(parameters_json_schema="{nope")], "tools[0].parameters_json_schema"),
+    ([weather(parameters_json_schema="[]")], "tools[0].parameters_json_schema"),
+]
+"""Tools whose parameters the conversion cannot parse."""
+
+
+@pytest.mark.parametrize(("tools", "field"), BAD_TOOLS)
+def test_bad_tools(tools: list[pb.Tool], field: str) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        chat_input.tools(pb.ChatRequest(tools=tools))
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
 
 
 @pytest.mark.parametrize(
     ("tools", "field"),
     [
-        ([weather(parameters_json_schema="{nope")], "tools[0].parameters_json_schema"),
-        ([weather(parameters_json_schema="[]")], "tools[0].parameters_json_schema"),
+        *BAD_TOOLS,
         ([weather(parameters_json_schema='{"type": 5}')], "tools[0].parameters_json_schema"),
         ([weather(name="bad name")], "tools[0].name"),
         ([weather(), weather()], "tools[1].name"),
     ],
 )
-def test_bad_tools(tools: list[pb.Tool], field: str) -> None:
-    with pytest.raises(RequestError) as excinfo:
-        requests.tools(pb.ChatRequest(tools=tools))
-    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+def test_bad_tools_are_refused_by_the_router(tools: list[pb.Tool], field: str) -> None:
+    request = chat("hi")
+    request.tools.extend(tools)
+    assert routers(request) == (INVALID_ARGUMENT, field)
 
 
 def test_tool_choice() -> None:
     mode = pb.ToolChoice
-    assert requests.tool_choice(pb.ChatRequest()) == "none"
-    assert requests.tool_choice(pb.ChatRequest(tools=[weather()])) == "auto"
+    assert chat_input.tool_choice(pb.ChatRequest()) == "none"
+    assert chat_input.tool_choice(pb.ChatRequest(tools=[weather()])) == "auto"
     with_tools = [weather()]
     for value, expected in [
         (mode.MODE_NONE, "none"),
@@ -201,33 +241,50 @@ def test_tool_choice() -> None:
         (mode.MODE_REQUIRED, "required"),
     ]:
         req = pb.ChatRequest(tools=with_tools, tool_choice=pb.ToolChoice(mode=value))
-        assert requests.tool_choice(req) == expected
+        assert chat_input.tool_choice(req) == expected
     named = pb.ToolChoice(mode=mode.MODE_FUNCTION, function_name="get_weather")
-    assert requests.tool_choice(pb.ChatRequest(tools=with_tools, tool_choice=named)) == {
+    assert chat_input.tool_choice(pb.ChatRequest(tools=with_tools, tool_choice=named)) == {
         "type": "function",
         "function": {"name": "get_weather"},
     }
-    with fails("tool_choice.function_name"):
-        bad = pb.ToolChoice(mode=mode.MODE_FUNCTION, function_name="other")
-        requests.tool_choice(pb.ChatRequest(tools=with_tools, tool_choice=bad))
     with fails("tool_choice.mode"):
-        requests.tool_choice(pb.ChatRequest(tool_choice=pb.ToolChoice(mode=mode.MODE_REQUIRED)))
+        chat_input.tool_choice(pb.ChatRequest(tool_choice=pb.ToolChoice(mode=9)))  # type: ignore[arg-type]
+
+
+def test_tool_choice_rules_are_the_routers() -> None:
+    mode = pb.ToolChoice
+    request = chat("hi")
+    request.tools.append(weather())
+    request.tool_choice.CopyFrom(pb.ToolChoice(mode=mode.MODE_FUNCTION, function_name="other"))
+    assert routers(request) == (INVALID_ARGUMENT, "tool_choice.function_name")
+    for choice, field in (
+        (mode.MODE_AUTO, "tool_choice.mode"),
+        (mode.MODE_REQUIRED, "tool_choice"),
+        (9, "tool_choice.mode"),
+    ):
+        without_tools = chat("hi")
+        without_tools.tool_choice.mode = choice  # type: ignore[assignment]
+        assert routers(without_tools) == (INVALID_ARGUMENT, field)
 
 
 def test_chat_template_kwargs() -> None:
-    assert requests.chat_template_kwargs(pb.ChatRequest()) == {}
+    assert chat_input.chat_template_kwargs(pb.ChatRequest()) == {}
     req = pb.ChatRequest(
         enable_thinking=False, chat_template_kwargs_json='{"enable_thinking": true, "x": 1}'
     )
-    assert requests.chat_template_kwargs(req) == {"enable_thinking": False, "x": 1}
-    for bad in ('{"chat_template": "{{ evil }}"}', '{"tools": []}', "[1]", "{"):
+    assert chat_input.chat_template_kwargs(req) == {"enable_thinking": False, "x": 1}
+    for bad in ("[1]", "{"):
         with fails("chat_template_kwargs_json"):
-            requests.chat_template_kwargs(pb.ChatRequest(chat_template_kwargs_json=bad))
+            chat_input.chat_template_kwargs(pb.ChatRequest(chat_template_kwargs_json=bad))
+    for bad in ('{"chat_template": "{{ evil }}"}', '{"tools": []}', "[1]", "{"):
+        request = chat("hi")
+        request.chat_template_kwargs_json = bad
+        assert routers(request) == (INVALID_ARGUMENT, "chat_template_kwargs_json")
 
 
 def test_vllm_chat_request_carries_what_the_parsers_read() -> None:
-    tool_dicts = requests.tools(pb.ChatRequest(tools=[weather()]))
-    vreq = requests.vllm_chat_request(
+    tool_dicts = chat_input.tools(pb.ChatRequest(tools=[weather()]))
+    vreq = chat_input.vllm_chat_request(
         [{"role": "user", "content": "hi"}],
         tool_dicts,
         "required",
@@ -244,12 +301,12 @@ def test_vllm_chat_request_carries_what_the_parsers_read() -> None:
 def test_vllm_chat_request_errors_name_the_field() -> None:
     user_hi = [{"role": "user", "content": "hi"}]
     with pytest.raises(RequestError) as excinfo:
-        requests.vllm_chat_request(user_hi, None, "required", {}, None)
+        chat_input.vllm_chat_request(user_hi, None, "required", {}, None)
     assert raised(excinfo) == (INVALID_ARGUMENT, "tool_choice")
     other = {"type": "function", "function": {"name": "other"}}
     with pytest.raises(RequestError) as excinfo:
-        requests.vllm_chat_request(
-            user_hi, requests.tools(pb.ChatRequest(tools=[weather()])), other, {}, None
+        chat_input.vllm_chat_request(
+            user_hi, chat_input.tools(pb.ChatRequest(tools=[weather()])), other, {}, None
         )
     assert raised(excinfo) == (INVALID_ARGUMENT, "tool_choice")
 
@@ -259,51 +316,67 @@ def test_vllm_chat_request_errors_name_the_field() -> None:
 
 def test_structured_outputs() -> None:
     so = pb.StructuredOutput
-    assert requests.structured_outputs(so()) is None
-    assert requests.structured_outputs(so(json_object=False)) is None
-    assert requests.structured_outputs(so(json_schema=json.dumps(WEATHER_SCHEMA))) == (
+    assert constraints.structured_outputs(so()) is None
+    assert constraints.structured_outputs(so(json_object=False)) is None
+    assert constraints.structured_outputs(so(json_schema=json.dumps(WEATHER_SCHEMA))) == (
         StructuredOutputsParams(json=WEATHER_SCHEMA)
     )
-    assert requests.structured_outputs(so(regex="a+")) == StructuredOutputsParams(regex="a+")
-    assert requests.structured_outputs(so(choice=pb.Choices(values=["y", "n"]))) == (
+    assert constraints.structured_outputs(so(regex="a+")) == StructuredOutputsParams(regex="a+")
+    assert constraints.structured_outputs(so(choice=pb.Choices(values=["y", "n"]))) == (
         StructuredOutputsParams(choice=["y", "n"])
     )
-    assert requests.structured_outputs(so(json_object=True)) == (
+    assert constraints.structured_outputs(so(json_object=True)) == (
         StructuredOutputsParams(json_object=True)
     )
 
 
 def test_structured_field() -> None:
-    assert requests.structured_field(pb.StructuredOutput()) is None
-    assert requests.structured_field(pb.StructuredOutput(regex="a")) == "structured_output.regex"
-    assert requests.structured_field(pb.StructuredOutput(choice=pb.Choices(values=["a"]))) == (
+    assert rules.structured_field(pb.StructuredOutput()) is None
+    assert rules.structured_field(pb.StructuredOutput(regex="a")) == "structured_output.regex"
+    assert rules.structured_field(pb.StructuredOutput(choice=pb.Choices(values=["a"]))) == (
         "structured_output.choice"
     )
+
+
+UNPARSABLE_SCHEMAS = [
+    (pb.StructuredOutput(json_schema="{"), "structured_output.json_schema"),
+    (pb.StructuredOutput(json_schema="3"), "structured_output.json_schema"),
+]
+"""Constraints the conversion cannot parse."""
+
+
+@pytest.mark.parametrize(("so", "field"), UNPARSABLE_SCHEMAS)
+def test_bad_structured_outputs(so: pb.StructuredOutput, field: str) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        constraints.structured_outputs(so)
+    assert raised(excinfo) == (INVALID_ARGUMENT, field)
 
 
 @pytest.mark.parametrize(
     ("so", "field"),
     [
-        (pb.StructuredOutput(json_schema="{"), "structured_output.json_schema"),
-        (pb.StructuredOutput(json_schema="3"), "structured_output.json_schema"),
+        *UNPARSABLE_SCHEMAS,
         (pb.StructuredOutput(json_schema='{"type": "nope"}'), "structured_output.json_schema"),
         (pb.StructuredOutput(regex=""), "structured_output.regex"),
         (pb.StructuredOutput(choice=pb.Choices()), "structured_output.choice.values"),
+        (
+            pb.StructuredOutput(choice=pb.Choices(values=["y", ""])),
+            "structured_output.choice.values",
+        ),
     ],
 )
-def test_bad_structured_outputs(so: pb.StructuredOutput, field: str) -> None:
-    with pytest.raises(RequestError) as excinfo:
-        requests.structured_outputs(so)
-    assert raised(excinfo) == (INVALID_ARGUMENT, field)
+def test_bad_structured_outputs_are_refused_by_the_router(
+    so: pb.StructuredOutput, field: str
+) -> None:
+    request = pb.GenerateRequest(text="hi", structured_output=so)
+    assert routers(request) == (INVALID_ARGUMENT, field)
 
 
 # ------------------------------------------------------------------ sampling
 
 
 def test_unset_fields_take_the_generation_config_then_vllm_defaults() -> None:
-    params = requests.sampling_params(
-        pb.SamplingParams(), pb.StructuredOutput(), GEN_DEFAULTS, 100, 10
-    )
+    params = sampling_params(pb.SamplingParams(), pb.StructuredOutput(), GEN_DEFAULTS, 100, 10)
     assert params.temperature == 0.6
     assert params.top_p == 0.95
     assert params.top_k == 20
@@ -339,7 +412,7 @@ def test_explicit_fields() -> None:
         seed=42,
         include_stop_str_in_output=True,
     )
-    params = requests.sampling_params(
+    params = sampling_params(
         sampling,
         pb.StructuredOutput(regex="[ab]+"),
         GEN_DEFAULTS,
@@ -364,15 +437,13 @@ def test_explicit_fields() -> None:
 
 
 def test_logprobs_without_alternatives() -> None:
-    params = requests.sampling_params(
-        pb.SamplingParams(logprobs=True), pb.StructuredOutput(), {}, 100, 1
-    )
+    params = sampling_params(pb.SamplingParams(logprobs=True), pb.StructuredOutput(), {}, 100, 1)
     assert params.logprobs == 0
 
 
 def test_generation_config_stop_ids_and_max_tokens_are_merged() -> None:
     defaults = {"stop_token_ids": [9], "max_tokens": 20}
-    params = requests.sampling_params(
+    params = sampling_params(
         pb.SamplingParams(stop_token_ids=[3]), pb.StructuredOutput(), defaults, 100, 10
     )
     assert params.stop_token_ids == [3, 9]
@@ -380,21 +451,17 @@ def test_generation_config_stop_ids_and_max_tokens_are_merged() -> None:
 
 
 def test_max_tokens_must_fit_the_context() -> None:
-    fits = requests.sampling_params(
-        pb.SamplingParams(max_tokens=90), pb.StructuredOutput(), {}, 100, 10
-    )
+    fits = sampling_params(pb.SamplingParams(max_tokens=90), pb.StructuredOutput(), {}, 100, 10)
     assert fits.max_tokens == 90
     with pytest.raises(RequestError) as excinfo:
-        requests.sampling_params(
-            pb.SamplingParams(max_tokens=91), pb.StructuredOutput(), {}, 100, 10
-        )
+        sampling_params(pb.SamplingParams(max_tokens=91), pb.StructuredOutput(), {}, 100, 10)
     assert raised(excinfo) == (INVALID_ARGUMENT, "sampling.max_tokens")
     with pytest.raises(RequestError) as excinfo:
-        requests.sampling_params(
+        sampling_params(
             pb.SamplingParams(), pb.StructuredOutput(), {}, 100, 100, prompt_field="token_ids"
         )
     assert raised(excinfo) == (INVALID_ARGUMENT, "token_ids")
-    unknown = requests.sampling_params(pb.SamplingParams(), pb.StructuredOutput(), {}, 100, None)
+    unknown = sampling_params(pb.SamplingParams(), pb.StructuredOutput(), {}, 100, None)
     assert unknown.max_tokens is None
 
 
@@ -411,7 +478,7 @@ def test_vllm_validation_errors_become_request_errors(
     sampling: pb.SamplingParams, field: str
 ) -> None:
     with pytest.raises(RequestError) as excinfo:
-        requests.sampling_params(sampling, pb.StructuredOutput(), {}, 100, 1)
+        sampling_params(sampling, pb.StructuredOutput(), {}, 100, 1)
     assert raised(excinfo) == (INVALID_ARGUMENT, field)
 
 
@@ -449,3 +516,5 @@ def test_bad_generate_prompts(req: pb.GenerateRequest, field: str) -> None:
     with pytest.raises(RequestError) as excinfo:
         requests.generate_prompt(req, 10)
     assert raised(excinfo) == (INVALID_ARGUMENT, field)
+    if not field.startswith("token_ids.ids["):  # the vocabulary is the engine's
+        assert routers(req) == (INVALID_ARGUMENT, field)

@@ -6,6 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from qwen_serve import request_rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
 from qwen_serve.queue.codec import WorkerStatus
@@ -86,7 +87,7 @@ def test_make_job_carries_request_deadline_and_trace() -> None:
     )
     assert job.chat == request and job.deadline_unix_ms == 123
     assert dict(job.trace_context) == {"traceparent": "00-ab-cd-01"}
-    assert validation.REQUEST_ID_RE.fullmatch(job.request_id)
+    assert request_rules.REQUEST_ID_RE.fullmatch(job.request_id)
     other = jobs.make_job(request, router_id="r", reply_stream="s", deadline_unix_ms=0, trace={})
     assert other.request_id != job.request_id
     assert jobs.deadline_ms(None) == 0
