@@ -19,6 +19,9 @@ from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings, new_id
 from qwen_serve_dev import devstack
 from tests.reliability import write_report
+from tests.support.redis import redis_url
+
+__all__ = ["redis_url"]  # the fixture, for every test module
 
 
 @dataclass
@@ -40,16 +43,6 @@ class Stack:
         target = f"127.0.0.1:{port}"
         devstack.wait_serving(target, [proc], timeout=60)
         return proc, target
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throw-away redis-server for one test module (its tests use their own key prefixes)."""
-    proc, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        proc.stop()
 
 
 QueueTrio = tuple[RouterQueue, WorkerQueue, WorkerQueue]

@@ -31,8 +31,8 @@ from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from qwen_serve.settings import SharedSettings
 from qwen_serve_dev import devstack
 from router.jobs import make_job
-from tests.helpers import chat
 from tests.reliability import Outcome
+from tests.support.calls import chat
 
 PREFIX = "qs-faults"
 HEARTBEAT_TTL_S = 10.0

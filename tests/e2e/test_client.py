@@ -51,7 +51,7 @@ from qwen_serve_client import (
 from qwen_serve_dev import devstack
 from tests.client_helpers import FORCED_CALL_REGEX, PROMPT, TOOL_CALL_TOKEN_ID, run_cli
 from tests.conftest import Stack
-from tests.helpers import wait_engines_idle
+from tests.support.calls import wait_engines_idle
 from tests.support.images import png
 
 e2e = pytest.mark.e2e

@@ -12,7 +12,7 @@ from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_client.errors import bad_field
 from qwen_serve_dev import devstack
 from tests.conftest import Stack
-from tests.helpers import chat, collect, status_of, user
+from tests.support.calls import chat, collect, status_of, user
 
 pytestmark = pytest.mark.e2e
 

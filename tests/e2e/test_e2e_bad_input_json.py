@@ -20,7 +20,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_client.errors import bad_field
 from tests.conftest import Stack
-from tests.helpers import LogWatch, chat, collect, status_of, user
+from tests.support.calls import LogWatch, chat, collect, status_of, user
 from tests.support.images import encode
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from tests.conftest import Stack
-from tests.helpers import chat, collect, status_of, wait_engines_idle
+from tests.support.calls import chat, collect, status_of, wait_engines_idle
 
 pytestmark = pytest.mark.e2e
 

@@ -34,7 +34,7 @@ from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from qwen_serve_dev import devstack
 from tests.conftest import Stack
-from tests.helpers import Collected, collect, engine_version, status_of, user
+from tests.support.calls import Collected, collect, engine_version, status_of, user
 from tests.support.images import encode
 
 pytestmark = pytest.mark.e2e

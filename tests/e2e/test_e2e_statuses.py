@@ -26,7 +26,7 @@ from qwen_serve_client.errors import bad_field
 from qwen_serve_dev import devstack
 from tests.client_helpers import FAILS_MID_STREAM
 from tests.conftest import Stack
-from tests.helpers import LogWatch, chat
+from tests.support.calls import LogWatch, chat
 
 pytestmark = pytest.mark.e2e
 

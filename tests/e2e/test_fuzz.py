@@ -24,7 +24,7 @@ from PIL import Image
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.api.v1 import serve_pb2_grpc
 from tests.conftest import Stack
-from tests.helpers import LogWatch
+from tests.support.calls import LogWatch
 
 pytestmark = pytest.mark.e2e
 

@@ -21,10 +21,10 @@ from openai import AsyncOpenAI
 from qwen_serve_dev import devstack
 from tests.conftest import Stack
 from tests.e2e.test_telemetry import scrape, value
-from tests.helpers import wait_engines_idle
 from tests.openai_support import MODEL, NO_THINKING, HttpRouter, http_router, user
 from tests.otlp_receiver import OtlpReceiver, one
 from tests.security_support import KEYS, make_pki, tls, write_keys_file
+from tests.support.calls import wait_engines_idle
 
 pytestmark = pytest.mark.e2e
 

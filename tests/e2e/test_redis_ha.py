@@ -37,8 +37,8 @@ from tests.fault_support import (
     run_stream,
     start_streams,
 )
-from tests.helpers import chat
 from tests.reliability import Scenario, record
+from tests.support.calls import chat
 
 pytestmark = pytest.mark.e2e
 

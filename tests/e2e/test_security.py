@@ -23,7 +23,6 @@ from qwen_serve.settings import SharedSettings
 from qwen_serve_dev import devstack
 from router import security
 from tests.conftest import Stack
-from tests.helpers import chat, collect, status_of, wait_engines_idle
 from tests.security_support import (
     KEYS,
     Metadata,
@@ -34,6 +33,7 @@ from tests.security_support import (
     tls,
     write_keys_file,
 )
+from tests.support.calls import chat, collect, status_of, wait_engines_idle
 
 pytestmark = pytest.mark.e2e
 

@@ -31,8 +31,8 @@ from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings
 from qwen_serve_dev import devstack
 from router import jobs, security
-from tests.helpers import chat, status_of
 from tests.security_support import Pki, make_pki
+from tests.support.calls import chat, status_of
 
 pytestmark = pytest.mark.e2e
 

@@ -38,8 +38,8 @@ from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import SharedSettings, WorkerSettings
 from qwen_serve_dev import devstack
 from router.jobs import make_job
-from tests.helpers import Collected, chat, collect
 from tests.otlp_receiver import OtlpReceiver, one
+from tests.support.calls import Collected, chat, collect
 
 ROUTER, WORKER = "qwen-serve-router", "qwen-serve-worker"
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "dashboards" / "qwen-serve.json"
@@ -286,7 +286,7 @@ async def collect_with(
     request: pb.ChatRequest,
     metadata: tuple[tuple[str, str], ...],
 ) -> Collected:
-    """Run one chat with ``metadata`` to its end (see tests.helpers.collect)."""
+    """Run one chat with ``metadata`` to its end (see tests.support.calls.collect)."""
     out = Collected()
     async for event in stub.Chat(request, metadata=metadata, timeout=120):
         out.events.append(event)

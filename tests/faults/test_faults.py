@@ -38,8 +38,8 @@ from tests.fault_support import (
     submit_as_router,
     submit_claimed_by_ghost,
 )
-from tests.helpers import chat, wait_engines_idle
 from tests.reliability import Outcome, Scenario, record
+from tests.support.calls import chat, wait_engines_idle
 
 pytestmark = pytest.mark.e2e
 

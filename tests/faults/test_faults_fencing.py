@@ -43,8 +43,8 @@ from tests.fault_support import (
     thaw,
     worker_id,
 )
-from tests.helpers import chat, wait_engines_idle
 from tests.reliability import Outcome, Scenario, record
+from tests.support.calls import chat, wait_engines_idle
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,7 @@ from tests.fault_support import (
     thaw,
     worker_id,
 )
-from tests.helpers import user
+from tests.support.calls import user
 
 pytestmark = pytest.mark.e2e
 

@@ -31,8 +31,8 @@ from tests.fault_support import (
     run_stream,
     start_streams,
 )
-from tests.helpers import chat, running_in_engines, wait_engines_idle
 from tests.reliability import Outcome, Scenario, record
+from tests.support.calls import chat, running_in_engines, wait_engines_idle
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from qwen_serve.queue.codec import (
     encode_replies,
 )
 from qwen_serve.queue.keys import Keys
-from tests.helpers import chat
+from tests.support.calls import chat
 
 
 def test_job_round_trips() -> None:

@@ -20,7 +20,7 @@ from qwen_serve.queue.codec import Job
 from qwen_serve.settings import RouterSettings, SharedSettings, WorkerSettings, new_id
 from router import jobs
 from router.dispatcher import Dispatcher
-from tests.helpers import chat
+from tests.support.calls import chat
 from tests.support.scripted import ScriptedEngine
 from worker.service import Worker
 

@@ -17,7 +17,7 @@ from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import WorkerSettings
 from router import jobs
 from router.channels import Channel, Verdict
-from tests.helpers import chat
+from tests.support.calls import chat
 
 
 def _job(attempt: int = 0) -> Job:

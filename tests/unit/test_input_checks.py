@@ -9,7 +9,7 @@ from qwen_serve import request_rules as rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import RequestError, readable
 from router import errors, reflection, validation, wire
-from tests.helpers import chat
+from tests.support.calls import chat
 from worker import placeholders
 
 

@@ -12,7 +12,7 @@ from router.channels import Channel
 from router.jobs import make_job
 from router.placement import Placer, choose, prefix_key, rank
 from tests.conftest import QueueTrio
-from tests.helpers import chat
+from tests.support.calls import chat
 
 
 def _job(request: pb.ChatRequest | pb.GenerateRequest) -> Job:

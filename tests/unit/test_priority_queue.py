@@ -11,7 +11,7 @@ from qwen_serve.queue.codec import Job, job_priority
 from qwen_serve.queue.worker_queue import LOW_SHARE
 from router.jobs import make_job
 from tests.conftest import QueueTrio
-from tests.helpers import chat
+from tests.support.calls import chat
 
 HIGH, NORMAL, LOW, UNSET = (
     pb.PRIORITY_HIGH,

@@ -19,7 +19,7 @@ from qwen_serve.queue.broker import (
 from qwen_serve.queue.codec import Reply, encode
 from qwen_serve.settings import SharedSettings, new_id
 from router import jobs
-from tests.helpers import chat
+from tests.support.calls import chat
 from worker.replies import ReplyWriter
 
 

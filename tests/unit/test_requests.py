@@ -18,7 +18,7 @@ from qwen_serve import request_rules as rules
 from qwen_serve.api.v1 import serve_pb2 as pb
 from qwen_serve.errors import INVALID_ARGUMENT, RequestError
 from router import validation
-from tests.helpers import chat
+from tests.support.calls import chat
 from worker import chat_input, constraints, requests
 from worker.sampling import sampling_params
 

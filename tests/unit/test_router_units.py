@@ -12,7 +12,7 @@ from qwen_serve.errors import RESOURCE_EXHAUSTED, RequestError
 from qwen_serve.queue.codec import WorkerStatus
 from router import errors, jobs, validation
 from router.cluster import ClusterView
-from tests.helpers import chat, user
+from tests.support.calls import chat, user
 
 
 def _field_of(request: pb.ChatRequest) -> str:

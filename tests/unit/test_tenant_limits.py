@@ -25,8 +25,8 @@ from qwen_serve_dev.overlap import most_at_once
 from router import quotas
 from router.quotas import Quotas, TenantLimits, parse_limits
 from tests.conftest import Stack
-from tests.helpers import wait_engines_idle
 from tests.security_support import bearer, write_keys_file
+from tests.support.calls import wait_engines_idle
 
 LIMITS = "# tenant limits\nalpha inflight=4  # a comment\nbeta rpm=2\n* tpm=1000000\n"
 

@@ -27,7 +27,7 @@ from qwen_serve.queue.broker import (
 from qwen_serve.queue.keys import Keys
 from qwen_serve.settings import WorkerSettings, new_id
 from router import jobs
-from tests.helpers import chat
+from tests.support.calls import chat
 from tests.support.scripted import ScriptedEngine
 from worker.service import Worker
 

@@ -1,4 +1,5 @@
-"""Request builders and stream collectors for the end-to-end tests."""
+"""Request builders, the one event collector (``collect``) and engine-state probes for the
+tests."""
 
 from __future__ import annotations
 
