@@ -158,7 +158,7 @@ def run(quick: bool) -> dict[str, Any]:
     """Both configurations; the results ``python -m bench render`` tabulates."""
     load = Workload.of(quick)
     configs = [
-        ("priority streams + 1 slot kept for HIGH (default)", ()),
+        ("priority streams + 1 slot kept for HIGH once HIGH jobs come (default)", ()),
         ("priority streams only (--high-priority-reserve 0)", ("--high-priority-reserve", "0")),
     ]
     return {
