@@ -9,7 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from bench import profile as pyspy
+from bench import stack
 from bench.engine_path import System, make_prompts
 from bench.load_runners import ours_runner
 
@@ -81,22 +84,12 @@ than the engine gives, so what comes back is the load generator's own ceiling.""
 def bare_ceiling(log_dir: Path, c: int, n: int) -> list[dict[str, Any]]:
     """The load generator against a bare grpc.aio server (no engine, router or Redis) at
     ``c`` streams, from 1 and 4 processes: the most tokens/s it can take in."""
-    from bench import stack
-
     proc = stack.start_bare(log_dir, MAX_TOKENS, BARE_RATE)
     try:
         target = stack.target_of(proc)
-        import grpc
-
         with grpc.insecure_channel(target) as channel:  # it has no health service
             grpc.channel_ready_future(channel).result(timeout=60)
-        rows = []
-        for procs in (1, 4):
-            runner = ours_runner(target, Path(tempfile.mkdtemp()), procs)
-            report = runner(make_prompts(n, c + 50 + procs), c, MAX_TOKENS, f"bare{procs}")
-            rows.append({"procs": procs, "tokens_per_s": report["streaming"]["tokensPerSecond"]})
-            logger.info("bare ceiling: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
-        return rows
+        return _from_processes(target, (1, 4), c, n, c + 50, "bare ceiling")
     finally:
         proc.stop()
 
@@ -106,11 +99,18 @@ def client_check(system: System, c: int, n: int) -> list[dict[str, Any]]:
 
     If more client processes do not raise the tokens/s, the client was not the limit.
     """
+    return _from_processes(system.target, (1, 4, 8), c, n, c, "client check")
+
+
+def _from_processes(
+    target: str, counts: tuple[int, ...], c: int, n: int, seed: int, label: str
+) -> list[dict[str, Any]]:
+    """Tokens/s of ``n`` requests at ``c`` streams to ``target`` from each number of client
+    processes in ``counts`` (distinct prompts each run: seeded ``seed`` + the count)."""
     rows = []
-    for procs in (1, 4, 8):
-        runner = ours_runner(system.target, Path(tempfile.mkdtemp()), procs)
-        report = runner(make_prompts(n, c + procs), c, MAX_TOKENS, f"client{procs}")
-        streaming = report["streaming"]
-        rows.append({"procs": procs, "tokens_per_s": streaming["tokensPerSecond"]})
-        logger.info("client check: %d process(es): %.0f tok/s", procs, rows[-1]["tokens_per_s"])
+    for procs in counts:
+        runner = ours_runner(target, Path(tempfile.mkdtemp()), procs)
+        report = runner(make_prompts(n, seed + procs), c, MAX_TOKENS, f"{label}{procs}")
+        rows.append({"procs": procs, "tokens_per_s": report["streaming"]["tokensPerSecond"]})
+        logger.info("%s: %d process(es): %.0f tok/s", label, procs, rows[-1]["tokens_per_s"])
     return rows

@@ -80,12 +80,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return lines
 
 
-def _by(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """One row per (system, level): with ``--rounds``, the round of median tokens/s."""
+def _grouped(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Rows by (system, level): one per round."""
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         grouped.setdefault((r["system"], r["concurrency"]), []).append(r)
-    return {key: _median(group) for key, group in grouped.items()}
+    return grouped
+
+
+def _by(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """One row per (system, level): with ``--rounds``, the round of median tokens/s."""
+    return {key: _median(group) for key, group in _grouped(rows).items()}
 
 
 def _median(group: list[dict[str, Any]]) -> dict[str, Any]:
@@ -95,15 +100,12 @@ def _median(group: list[dict[str, Any]]) -> dict[str, Any]:
 
 def rounds_lines(result: dict[str, Any]) -> list[str]:
     """Every round's tokens/s where a level ran more than once (the tables show the median)."""
-    grouped: dict[tuple[str, int], list[float]] = {}
-    for r in result.get("rows", []):
-        grouped.setdefault((r["system"], r["concurrency"]), []).append(r["tokens_per_s"])
     lines = [
         f"- {SYSTEM_NAMES.get(system, system)}, c={c}: "
-        + ", ".join(f"{value:,.0f}" for value in values)
+        + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in group)
         + " tok/s"
-        for (system, c), values in sorted(grouped.items())
-        if len(values) > 1
+        for (system, c), group in sorted(_grouped(result.get("rows", [])).items())
+        if len(group) > 1
     ]
     if not lines:
         return []

@@ -215,10 +215,14 @@ def _systems(
         "d": launcher.direct,
     }
     rows: list[dict[str, Any]] = []
-    profiles: dict[str, Any] = {}
     start_s: dict[str, float] = {}
     errors: dict[str, str] = {}
-    client_rows: list[dict[str, Any]] = []
+    measured: dict[str, Any] = {
+        "rows": rows,
+        "errors": errors,
+        "profiles": {},
+        "client_check": [],
+    }
     check_clients = "clients" in keys
     for key in (k for k in keys if k in starts):
         started = time.monotonic()
@@ -231,23 +235,22 @@ def _systems(
                 for turn in range(args.rounds):
                     rows.append(_measure(system, key, c, n, turn, ports))
             if key == "a" and len(levels) > 1:
-                profiles = measure.profile(system, out, max(levels))
+                measured["profiles"] = measure.profile(system, out, max(levels))
             if key == "a" and check_clients:
                 widest = max(levels)
-                client_rows = measure.client_check(system, widest, levels[widest])
+                measured["client_check"] = measure.client_check(system, widest, levels[widest])
         except Exception as exc:  # the other systems still run; the error is reported
-            logger.exception("system %s failed", key)
-            errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
+            _failed(errors, f"system {key}", key, exc)
         finally:
             system.stop()
-        args.save(_document(resolved, overrides, levels, start_s, rows, errors, profiles))
-    document = _document(resolved, overrides, levels, start_s, rows, errors, profiles)
+        args.save(_document(resolved, overrides, levels, start_s, measured))
+    document = _document(resolved, overrides, levels, start_s, measured)
     if check_clients:
         widest = max(levels)
         bare_rows = _guarded(
             errors, "bare", lambda: measure.bare_ceiling(log_dir, widest, levels[widest])
         )
-        document.update(bare_ceiling=bare_rows, client_check=client_rows)
+        document["bare_ceiling"] = bare_rows
     return document
 
 
@@ -271,22 +274,19 @@ def _document(
     overrides: Overrides,
     levels: dict[int, int],
     start_s: dict[str, float],
-    rows: list[dict[str, Any]],
-    errors: dict[str, str],
-    profiles: dict[str, Any],
+    measured: dict[str, Any],
 ) -> dict[str, Any]:
+    """The phase's result: its set-up and what was ``measured`` (rows, errors, profiles,
+    client check) so far."""
     return {
-        "errors": errors,
         "engine_args": dict(resolved.engine_args),
         "engine_env": dict(resolved.env),
         "worker_flags": worker_flags(overrides),
         "levels": levels,
         "max_tokens": MAX_TOKENS,
         "start_s": start_s,
-        "rows": rows,
-        "profiles": profiles,
-        "client_check": [],
         "bare_ceiling": [],
+        **measured,
     }
 
 
@@ -306,9 +306,14 @@ def _guarded(errors: dict[str, str], key: str, step: Callable[[], Any]) -> Any:
     try:
         return step()
     except Exception as exc:
-        logger.exception("%s failed", key)
-        errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
+        _failed(errors, key, key, exc)
         return []
+
+
+def _failed(errors: dict[str, str], what: str, key: str, exc: Exception) -> None:
+    """Log ``what`` failed and report the error under ``key``."""
+    logger.exception("%s failed", what)
+    errors[key] = f"{type(exc).__name__}: {exc}"[:4000]
 
 
 # ------------------------------------------------------------------ plumbing
