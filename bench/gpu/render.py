@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.gpu.run import junit_outcomes
+from bench.gpu.junit import junit_outcomes
 
 SYSTEM_NAMES = {"a": "ours", "d": "AsyncLLM in-process", "c": "vLLM OpenAI server"}
 BASELINE = {

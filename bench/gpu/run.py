@@ -35,6 +35,7 @@ from typing import Any
 
 from bench.engine_path import Launcher, System, make_prompts, summarise
 from bench.gpu import measure, real_shape
+from bench.gpu.junit import junit_outcomes
 from bench.gpu.measure import MAX_TOKENS
 from qwen_serve_dev import devstack
 from worker.profiles import NVIDIA, Overrides, ResolvedProfile, resolve
@@ -141,32 +142,6 @@ def e2e(out: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": _since(started),
         "tests": junit_outcomes(out / "e2e.xml"),
     }
-
-
-def junit_outcomes(path: Path) -> list[dict[str, str]]:
-    """Each test of a JUnit XML report: name, outcome and the message of a non-pass."""
-    import xml.etree.ElementTree as ElementTree
-
-    if not path.exists():
-        return []
-    outcomes = []
-    for case in ElementTree.parse(path).getroot().iter("testcase"):
-        marks = [child for child in case if child.tag in ("failure", "error", "skipped")]
-        outcome = marks[0].tag if marks else "passed"
-        message = _failure_text(marks[0]) if marks else ""
-        name = f"{case.attrib.get('classname', '')}::{case.attrib.get('name', '')}"
-        outcomes.append({"test": name, "outcome": outcome, "message": message})
-    return outcomes
-
-
-def _failure_text(mark: Any) -> str:
-    """The first line of a non-pass's message and, for a failure, its last lines."""
-    lines = (mark.attrib.get("message", "") or "").splitlines()
-    text = lines[0][:200] if lines else ""
-    body = (mark.text or "").strip().splitlines()
-    if mark.tag != "skipped" and body:
-        text += " | " + " / ".join(line.strip() for line in body[-6:])[-600:]
-    return text
 
 
 def perf(out: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
