@@ -67,6 +67,7 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67108864
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_response_model")
 
@@ -182,6 +183,21 @@ class WorkerMetrics:
             "qwen_serve_engine_time_to_first_token_seconds",
             "From claim to the engine's first output: rendering, engine queue and prefill.",
             buckets=TTFT_BUCKETS,
+            **kw,
+        )
+        self.start_stage = Histogram(
+            "qwen_serve_worker_start_stage_seconds",
+            "The claim-to-first-output time by stage: prepare (claim to the prompt rendered), "
+            "lease (rendered to the lease's answer; 0 when it came first), engine (the "
+            "generate call to the first output: the engine's queue and prefill).",
+            ["stage"],
+            buckets=TTFT_BUCKETS,
+            **kw,
+        )
+        self.claim_batch = Histogram(
+            "qwen_serve_worker_claim_batch_jobs",
+            "Jobs per claim that returned any: how many jobs reach the engine together.",
+            buckets=BATCH_BUCKETS,
             **kw,
         )
         self.itl = Histogram(

@@ -170,8 +170,10 @@ class Engine:
         self._running.add(request_id)
         try:
             prepared = await self.preparer.prepare(job)
+            observability.stage("prepare")
             if not await wanted or request_id in self._aborted:
                 return
+            observability.stage("lease")
             async with contextlib.aclosing(self._generate(request_id, job, prepared)) as events:
                 async for event in events:
                     yield event

@@ -11,8 +11,11 @@ One claimed job makes this span tree (all in the trace the router started)::
             └── llm_request      (vLLM's own span: we pass this span's context as trace_headers)
 
 :func:`process` wraps a job's task, :func:`generation` its engine stream,
-:func:`failed` records its error. :func:`stat_loggers` hands vLLM the stat logger
-that feeds the engine gauges (``qwen_serve.metrics.EngineStats``). No vLLM import here.
+:func:`failed` records its error; :func:`stage` splits its claim-to-first-output time
+(prepare, lease, engine) and :func:`claimed` counts the jobs of each claim. What a
+span records of the content (opt-in) is ``worker.trace_content``. :func:`stat_loggers`
+hands vLLM the stat logger that feeds the engine gauges (``qwen_serve.metrics.EngineStats``).
+No vLLM import here.
 
 vLLM's request spans need ``otlp_traces_endpoint`` (:func:`engine_args`). vLLM's
 ``init_tracer`` then tries to install its own tracer provider; the OpenTelemetry API
@@ -24,7 +27,6 @@ spans themselves, to ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -45,6 +47,7 @@ from qwen_serve.queue.broker import now_ms
 from qwen_serve.queue.codec import Job
 from qwen_serve.queue.keys import WORKER_GROUP, Keys
 from qwen_serve.settings import WorkerSettings
+from worker.trace_content import OutputText, input_messages
 
 if TYPE_CHECKING:
     from worker.service import Worker
@@ -122,6 +125,14 @@ class _Job:
     claimed: float = field(default_factory=time.monotonic)
     outcome: str = ""
     generation: _Generation | None = None
+    stage_started: float = field(default_factory=time.monotonic)
+    """When the current start stage began (claim, then the end of the last stage)."""
+
+    def stage(self, name: str) -> None:
+        """End the start stage ``name`` (prepare, lease, engine): one observation."""
+        now = time.monotonic()
+        metrics.worker_metrics().start_stage.labels(name).observe(now - self.stage_started)
+        self.stage_started = now
 
     def end(self) -> None:
         """Close the consumer span and count the job."""
@@ -189,6 +200,19 @@ async def process(job: Job, entry_id: bytes, work: Awaitable[None]) -> None:
     finally:
         otel_context.detach(token)
         state.end()
+
+
+def stage(name: str) -> None:
+    """End the current job's start stage ``name``: ``prepare`` once its prompt is rendered,
+    ``lease`` once its lease is answered (the engine stage ends at the first output)."""
+    state = _JOB.get()
+    if state is not None:
+        state.stage(name)
+
+
+def claimed(jobs: int) -> None:
+    """Count one claim that returned ``jobs`` jobs."""
+    metrics.worker_metrics().claim_batch.observe(jobs)
 
 
 def failed(exc: RequestError) -> None:
@@ -301,6 +325,8 @@ async def generation(
     async with contextlib.aclosing(events):
         try:
             async for event in events:
+                if gen.stream is None and state is not None:
+                    state.stage("engine")
                 gen.observe(event)
                 yield event
         except BaseException as exc:
@@ -320,69 +346,3 @@ def engine_trace_headers(job: Job) -> dict[str, str] | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(state.generation.span))
     return carrier
-
-
-# ------------------------------------------------------------------ content (opt-in)
-
-
-def input_messages(request: telemetry.Request) -> str:
-    """``gen_ai.input.messages`` as JSON (images as placeholders). Only when content is on."""
-    if isinstance(request, pb.GenerateRequest):
-        if request.WhichOneof("prompt") == "text":
-            part: dict[str, Any] = {"type": "text", "content": request.text}
-        else:
-            part = {"type": "token_ids", "content": list(request.token_ids.ids)}
-        return json.dumps([{"role": "user", "parts": [part]}], ensure_ascii=False)
-    messages = []
-    for message in request.messages:
-        parts: list[dict[str, Any]] = []
-        if message.reasoning:
-            parts.append({"type": "reasoning", "content": message.reasoning})
-        for content in message.content:
-            if content.WhichOneof("part") == "text":
-                parts.append({"type": "text", "content": content.text})
-            else:
-                parts.append({"type": "image", "mime_type": content.image.mime_type})
-        for call in message.tool_calls:
-            parts.append({"type": "tool_call", "id": call.id, "name": call.name})
-        role = pb.Role.Name(message.role).removeprefix("ROLE_").lower()
-        messages.append({"role": role, "parts": parts})
-    return json.dumps(messages, ensure_ascii=False)
-
-
-@dataclass
-class OutputText:
-    """Collects a stream's output per choice for ``gen_ai.output.messages``."""
-
-    texts: dict[tuple[int, str], str] = field(default_factory=dict)
-    ends: dict[int, pb.Finished] = field(default_factory=dict)
-
-    def add(self, event: pb.ChatEvent) -> None:
-        """Take the text of a Delta, the tool calls and reason of a Finished."""
-        if event.HasField("delta"):
-            delta = event.delta
-            for kind, text in (("reasoning", delta.reasoning), ("text", delta.content)):
-                if text:
-                    key = (delta.index, kind)
-                    self.texts[key] = self.texts.get(key, "") + text
-        elif event.HasField("finished"):
-            self.ends[event.finished.index] = event.finished
-
-    def json(self) -> str:
-        """The collected output as semantic-convention output messages."""
-        out = []
-        for index in sorted({i for i, _ in self.texts} | set(self.ends)):
-            parts: list[dict[str, Any]] = [
-                {"type": kind, "content": self.texts[(index, kind)]}
-                for kind in ("reasoning", "text")
-                if (index, kind) in self.texts
-            ]
-            end = self.ends.get(index)
-            calls = end.tool_calls if end is not None else []
-            parts += [
-                {"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.arguments_json}
-                for c in calls
-            ]
-            reason = telemetry.finish_reason(end) if end is not None else ""
-            out.append({"role": "assistant", "parts": parts, "finish_reason": reason})
-        return json.dumps(out, ensure_ascii=False)

@@ -171,6 +171,8 @@ class Worker:
                 continue
             if self.outage.succeeded():
                 logger.info("Redis answers again")
+            if claimed:
+                observability.claimed(len(claimed))
             for entry_id, job in claimed:
                 self.start(entry_id, job)
             if self.guard.own_check_needed:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -22,28 +22,54 @@ MAX_TOKENS = 256
 PROFILE_S = 15.0
 
 
+class Part(NamedTuple):
+    """One latency histogram on a process's /metrics (series whose labels hold ``labels``)."""
+
+    process: str
+    metric: str
+    labels: str = ""
+    scale: float = 1000.0
+    """Its mean's unit: 1000 for seconds shown in milliseconds, 1 for counts."""
+
+
 LATENCY_PARTS = {
-    "router_ttft": ("router", "gen_ai_server_time_to_first_token_seconds"),
-    "queue_wait": ("worker", "qwen_serve_queue_wait_seconds"),
-    "worker_ttft": ("worker", "qwen_serve_engine_time_to_first_token_seconds"),
+    "router_ttft": Part("router", "gen_ai_server_time_to_first_token_seconds"),
+    "queue_wait": Part("worker", "qwen_serve_queue_wait_seconds"),
+    "worker_ttft": Part("worker", "qwen_serve_engine_time_to_first_token_seconds"),
+    "prepare": Part("worker", "qwen_serve_worker_start_stage_seconds", 'stage="prepare"'),
+    "lease": Part("worker", "qwen_serve_worker_start_stage_seconds", 'stage="lease"'),
+    "engine": Part("worker", "qwen_serve_worker_start_stage_seconds", 'stage="engine"'),
+    "engine_queue": Part("worker", "vllm:request_queue_time_seconds"),
+    "engine_prefill": Part("worker", "vllm:request_prefill_time_seconds"),
+    "jobs_per_claim": Part("worker", "qwen_serve_worker_claim_batch_jobs", scale=1.0),
 }
 """Where the first token's time goes: the router's view (arrival to first token), the
-queue (router's enqueue to the worker's claim) and the worker's (claim to first output)."""
+queue (router's enqueue to the worker's claim), the worker's (claim to first output) and
+its stages (rendering, the lease, the engine; vLLM's own queue and prefill times of the
+requests that finished), and how many jobs each claim brought."""
 
 
 def latency_parts(ports: dict[str, int]) -> dict[str, tuple[float, float]]:
     """(sum, count) of each latency histogram, from the processes' /metrics."""
     import urllib.request
 
+    pages = {
+        process: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        .read()
+        .decode()
+        .splitlines()
+        for process, port in ports.items()
+        if process in {part.process for part in LATENCY_PARTS.values()}
+    }
     parts = {}
-    for name, (process, metric) in LATENCY_PARTS.items():
-        url = f"http://127.0.0.1:{ports[process]}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for name, part in LATENCY_PARTS.items():
         total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith(f"{metric}_sum"):
+        for line in pages[part.process]:
+            if part.labels not in line:
+                continue
+            if line.startswith(f"{part.metric}_sum"):
                 total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(f"{metric}_count"):
+            elif line.startswith(f"{part.metric}_count"):
                 count += float(line.rsplit(" ", 1)[1])
         parts[name] = (total, count)
     return parts
@@ -56,7 +82,8 @@ def latency_delta(
     means = {}
     for name, (total, count) in after.items():
         n = count - before[name][1]
-        means[name] = round((total - before[name][0]) * 1000 / n, 2) if n else 0.0
+        scale = LATENCY_PARTS[name].scale
+        means[name] = round((total - before[name][0]) * scale / n, 2) if n else 0.0
     return means
 
 

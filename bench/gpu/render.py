@@ -163,24 +163,53 @@ def cpu_table(result: dict[str, Any]) -> list[str]:
     return _table(("system", "c", "CPU per 1,000 tokens"), rows)
 
 
+STAGE_COLUMNS = (
+    ("prepare", "render"),
+    ("lease", "lease"),
+    ("engine", "engine"),
+    ("engine_queue", "vLLM queue"),
+    ("engine_prefill", "vLLM prefill"),
+    ("jobs_per_claim", "jobs per claim"),
+)
+"""The worker's stages (runs from F on): its TTFT split, vLLM's own times, claim sizes."""
+
+
 def latency_table(result: dict[str, Any]) -> list[str]:
     """Our path's first token, split by the router's and worker's own metrics (means)."""
     rows = []
+    staged = any("engine" in (r.get("latency_parts_ms") or {}) for r in result.get("rows", []))
     for r in result.get("rows", []):
         parts = r.get("latency_parts_ms")
         if r["system"] != "a" or not parts:
             continue
-        rows.append(
-            (
-                r["concurrency"],
-                f"{r['ttft_p50_ms']:.1f}",
-                parts["router_ttft"],
-                parts["queue_wait"],
-                parts["worker_ttft"],
-            )
+        row: tuple[Any, ...] = (
+            r["concurrency"],
+            f"{r['ttft_p50_ms']:.1f}",
+            parts["router_ttft"],
+            parts["queue_wait"],
+            parts["worker_ttft"],
         )
-    header = ("c", "client TTFT p50", "router TTFT mean", "queue wait mean", "worker TTFT mean")
-    return _table(header, rows)
+        if staged:
+            row += tuple(parts.get(key, "-") for key, _ in STAGE_COLUMNS)
+        rows.append(row)
+    header: tuple[str, ...] = (
+        "c",
+        "client TTFT p50",
+        "router TTFT mean",
+        "queue wait mean",
+        "worker TTFT mean",
+    )
+    if not staged:
+        return _table(header, rows)
+    header += tuple(title for _, title in STAGE_COLUMNS)
+    legend = (
+        "Means in ms. The worker's TTFT (claim to first output) is render (claim to the "
+        "prompt rendered) + lease (to the lease's answer) + engine (generate called to the "
+        "first output); vLLM queue and vLLM prefill split the engine stage by vLLM's own "
+        "request metrics (waiting in its scheduler; first step to first token); jobs per "
+        "claim is how many jobs each claim that returned any brought."
+    )
+    return [*_table(header, rows), "", legend]
 
 
 def _verdict(met: bool | None) -> str:

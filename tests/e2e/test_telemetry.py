@@ -419,6 +419,13 @@ async def test_metrics_move_as_requests_flow(
     ):
         assert moved(worker, worker_before, name) == 1, name
     assert moved(worker, worker_before, "qwen_serve_engine_inter_token_latency_seconds_count") == 4
+    stage, names = "qwen_serve_worker_start_stage_seconds", ("prepare", "lease", "engine")
+    for name in names:
+        assert moved(worker, worker_before, f"{stage}_count", stage=name) == 1, name
+    stages = sum(moved(worker, worker_before, f"{stage}_sum", stage=name) for name in names)
+    ttft = moved(worker, worker_before, "qwen_serve_engine_time_to_first_token_seconds_sum")
+    assert stages == pytest.approx(ttft, abs=0.005)  # the stages split the claim-to-first-output
+    assert moved(worker, worker_before, "qwen_serve_worker_claim_batch_jobs_sum") == 1
     assert value(worker, "qwen_serve_worker_capacity") == 8
     assert any(name.startswith("vllm:") for name, _ in worker)  # vLLM's own metrics too
 
