@@ -71,11 +71,57 @@ async def run_command(llm: Any, command: dict[str, Any], run_id: int) -> dict[st
             rid = f"direct-{run_id}-{i}"
             results.append(await _call(llm, prompts[i % len(prompts)], params, rid))
 
+    before = vllm_times()
     started = time.monotonic_ns()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
     run = RunResult(results, time.monotonic_ns() - started)
     options = Options(host="in-process", call="AsyncLLM.generate", total=total)
-    return report.build(options, run)
+    document = report.build(options, run)
+    document["vllm_times_ms"] = times_delta(before, vllm_times())
+    return document
+
+
+VLLM_TIMES = {
+    "engine_queue": "vllm:request_queue_time_seconds",
+    "engine_prefill": "vllm:request_prefill_time_seconds",
+}
+"""vLLM's own request times (its Prometheus histograms, in this process's registry): waiting
+in the scheduler, and from the first scheduled step to the first token."""
+
+
+def vllm_times() -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of ``VLLM_TIMES`` now."""
+    from prometheus_client import REGISTRY
+
+    totals = {name: (0.0, 0.0) for name in VLLM_TIMES}
+    metrics = {metric: name for name, metric in VLLM_TIMES.items()}
+    for family in REGISTRY.collect():
+        name = metrics.get(family.name)
+        if name is None:
+            continue
+        total, count = totals[name]
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+        totals[name] = (total, count)
+    return totals
+
+
+def times_delta(
+    before: dict[str, tuple[float, float]],
+    after: dict[str, tuple[float, float]],
+    scales: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Each histogram's mean over what it observed in between: (sum, count) pairs, the
+    means in milliseconds unless ``scales`` gives a name another factor (1: counts)."""
+    means = {}
+    for name, (total, count) in after.items():
+        n = count - before[name][1]
+        scale = (scales or {}).get(name, 1000.0)
+        means[name] = round((total - before[name][0]) * scale / n, 2) if n else 0.0
+    return means
 
 
 async def serve(config: dict[str, Any] | None = None) -> None:

@@ -13,6 +13,7 @@ import grpc
 
 from bench import profile as pyspy
 from bench import stack
+from bench.direct_engine import times_delta
 from bench.engine_path import System, make_prompts
 from bench.load_runners import ours_runner
 
@@ -78,13 +79,8 @@ def latency_parts(ports: dict[str, int]) -> dict[str, tuple[float, float]]:
 def latency_delta(
     before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
 ) -> dict[str, float]:
-    """Mean of each latency part over one run, in milliseconds."""
-    means = {}
-    for name, (total, count) in after.items():
-        n = count - before[name][1]
-        scale = LATENCY_PARTS[name].scale
-        means[name] = round((total - before[name][0]) * scale / n, 2) if n else 0.0
-    return means
+    """Mean of each latency part over one run, in milliseconds (jobs per claim: a count)."""
+    return times_delta(before, after, {name: part.scale for name, part in LATENCY_PARTS.items()})
 
 
 def profile(system: System, out: Path, c: int) -> dict[str, Any]:

@@ -163,6 +163,11 @@ def cpu_table(result: dict[str, Any]) -> list[str]:
     return _table(("system", "c", "CPU per 1,000 tokens"), rows)
 
 
+PATH_COLUMNS = (
+    ("router_ttft", "router TTFT mean"),
+    ("queue_wait", "queue wait mean"),
+    ("worker_ttft", "worker TTFT mean"),
+)
 STAGE_COLUMNS = (
     ("prepare", "render"),
     ("lease", "lease"),
@@ -171,45 +176,35 @@ STAGE_COLUMNS = (
     ("engine_prefill", "vLLM prefill"),
     ("jobs_per_claim", "jobs per claim"),
 )
-"""The worker's stages (runs from F on): its TTFT split, vLLM's own times, claim sizes."""
+"""The worker's stages (runs from F on): its TTFT split, vLLM's own times, claim sizes;
+in-process AsyncLLM's rows carry vLLM's times alone (runs after G)."""
+STAGE_LEGEND = (
+    "Means in ms. The worker's TTFT (claim to first output) is render (claim to the prompt "
+    "rendered) + lease (to the lease's answer) + engine (generate called to the first output); "
+    "vLLM queue and vLLM prefill split the engine stage by vLLM's own request metrics "
+    "(waiting in its scheduler; first step to first token); jobs per claim is how many jobs "
+    "each claim that returned any brought."
+)
 
 
 def latency_table(result: dict[str, Any]) -> list[str]:
-    """Our path's first token, split by the router's and worker's own metrics (means)."""
-    rows = []
-    staged = any("engine" in (r.get("latency_parts_ms") or {}) for r in result.get("rows", []))
-    for r in result.get("rows", []):
-        parts = r.get("latency_parts_ms")
-        if r["system"] != "a" or not parts:
-            continue
-        row: tuple[Any, ...] = (
+    """Our path's first token, split by the router's and worker's own metrics (means), and
+    vLLM's own times where the run has them (in-process AsyncLLM's too)."""
+    measured = [r for r in result.get("rows", []) if r.get("latency_parts_ms")]
+    staged = any("engine" in r["latency_parts_ms"] for r in measured)
+    columns = PATH_COLUMNS + (STAGE_COLUMNS if staged else ())
+    rows = [
+        (
+            SYSTEM_NAMES.get(r["system"], r["system"]),
             r["concurrency"],
             f"{r['ttft_p50_ms']:.1f}",
-            parts["router_ttft"],
-            parts["queue_wait"],
-            parts["worker_ttft"],
+            *(r["latency_parts_ms"].get(key, "-") for key, _ in columns),
         )
-        if staged:
-            row += tuple(parts.get(key, "-") for key, _ in STAGE_COLUMNS)
-        rows.append(row)
-    header: tuple[str, ...] = (
-        "c",
-        "client TTFT p50",
-        "router TTFT mean",
-        "queue wait mean",
-        "worker TTFT mean",
-    )
-    if not staged:
-        return _table(header, rows)
-    header += tuple(title for _, title in STAGE_COLUMNS)
-    legend = (
-        "Means in ms. The worker's TTFT (claim to first output) is render (claim to the "
-        "prompt rendered) + lease (to the lease's answer) + engine (generate called to the "
-        "first output); vLLM queue and vLLM prefill split the engine stage by vLLM's own "
-        "request metrics (waiting in its scheduler; first step to first token); jobs per "
-        "claim is how many jobs each claim that returned any brought."
-    )
-    return [*_table(header, rows), "", legend]
+        for r in measured
+        if r["system"] in ("a", "d")
+    ]
+    header = ("system", "c", "client TTFT p50", *(title for _, title in columns))
+    return [*_table(header, rows), *(["", STAGE_LEGEND] if staged else [])]
 
 
 def _verdict(met: bool | None) -> str:

@@ -240,6 +240,8 @@ def _measure(
     row["round"] = turn
     if before:
         row["latency_parts_ms"] = measure.latency_delta(before, measure.latency_parts(ports))
+    elif "vllm_times_ms" in document:  # in-process AsyncLLM: vLLM's own request times
+        row["latency_parts_ms"] = document["vllm_times_ms"]
     logger.info("(%s) c=%d round %d: %.0f tok/s", key, c, turn, row["tokens_per_s"])
     return row
 
